@@ -1,0 +1,481 @@
+"""LightningModules: one classifier, three ways to train it.
+
+* :class:`Classifier` — ordinary backprop on the loss L(θ) (the baseline).
+* :class:`ZerothOrderClassifier` — minimizes the Gaussian-smoothed loss
+  L_σ(θ) = E_g[L(θ + σg)] from forward passes only, with the antithetic estimator of
+  :mod:`robusttrain.estimators`; the estimate is written into ``.grad`` and any ``torch.optim``
+  optimizer (SGD with momentum or Nesterov, Adam, ...) takes the step.
+* :class:`NoiseInjectionClassifier` — backprop on the smoothed loss: each step takes the gradient at
+  θ + σg for a fresh g (a one-sample reparameterised estimate of ∇L_σ), then steps from θ.
+
+All three share :meth:`Classifier.model_step` and the evaluation code, log ``train/loss``,
+``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``, and write a ``robusttrain``
+entry into every checkpoint so :func:`load_checkpoint` can rebuild the backbone without unpickling
+code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from robusttrain.estimators import NonFiniteLossError, estimate_smoothed_grad, pair_seed
+from robusttrain.models import build_backbone
+
+__all__ = [
+    "Classifier",
+    "ZerothOrderClassifier",
+    "NoiseInjectionClassifier",
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "load_checkpoint",
+    "frozen_stochastic_layers",
+]
+
+CHECKPOINT_FORMAT = 1
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """Seed of the perturbations of global step ``step``: a pure function of (run seed, step)."""
+    return pair_seed(seed, step) ^ 0x5EED
+
+
+class Classifier(LightningModule):
+    """Image classifier trained by backprop; the base of every robusttrain training method.
+
+    Args:
+        backbone: any ``nn.Module`` mapping images to logits (see :mod:`robusttrain.models`).
+        optimizer: a ``torch.optim`` optimizer factory (LightningCLI fills it from the config's
+            ``optimizer:`` block). ``None`` means SGD with lr 0.05 and momentum 0.9.
+        scheduler: an optional learning-rate scheduler factory, stepped once per epoch.
+        num_classes: number of classes; ``None`` takes ``backbone.spec["init_args"]["num_classes"]``.
+    """
+
+    method = "backprop"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        self.backbone = backbone
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        if num_classes is None:
+            num_classes = getattr(backbone, "spec", {}).get("init_args", {}).get("num_classes")
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(
+                "cannot tell the number of classes: pass num_classes=<int >= 2> "
+                "(backbones from robusttrain.models provide it themselves)"
+            )
+        self.num_classes = num_classes
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def model_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean forward pass: returns (mean cross-entropy loss, logits, targets)."""
+        x, y = batch
+        logits = self.backbone(x)
+        return F.cross_entropy(logits, y), logits, y
+
+    # ----- training --------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, logits, y = self.model_step(batch)
+        self._log_train(loss, logits, y)
+        return loss
+
+    def _log_train(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at step {self.global_step}; lower the "
+                "learning rate (or sigma for the smoothed methods) and start again"
+            )
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+
+    # ----- evaluation (shared by every method) -----------------------------------------------
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_loss, self.val_acc)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_loss, self.test_acc)
+
+    def _eval_step(
+        self,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        split: str,
+        loss_metric: MeanMetric,
+        acc_metric: MulticlassAccuracy,
+    ) -> None:
+        loss, logits, y = self.model_step(batch)
+        loss_metric(loss, weight=y.numel())
+        acc_metric(logits, y)
+        self.log(f"{split}/loss", loss_metric, on_step=False, on_epoch=True)
+        self.log(f"{split}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True)
+
+    # ----- optimizers ------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
+        }
+
+    def _step_scheduler_manually(self) -> None:
+        """Manual optimization does not step schedulers: do it once per epoch, as configured."""
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    # ----- checkpoints -----------------------------------------------------------------------
+    def robusttrain_meta(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild and describe this model (plain data only)."""
+        spec = getattr(self.backbone, "spec", None)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "method": self.method,
+            "backbone": spec,
+            "num_classes": self.num_classes,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["robusttrain"] = self.robusttrain_meta()
+
+
+@contextlib.contextmanager
+def frozen_stochastic_layers(model: nn.Module) -> Iterator[None]:
+    """Freeze BatchNorm statistics and dropout for perturbed forward passes.
+
+    Inside the block, BatchNorm layers in training mode still normalize with the batch's own
+    statistics but do not update their running estimates (momentum 0, counters restored), and
+    dropout layers are in eval mode, so the two members of an antithetic pair see the same
+    network except for the weight perturbation (as in SAM's ``bypass_bn``).
+    """
+    saved_bn = []
+    saved_dropout = []
+    for module in model.modules():
+        if isinstance(module, _BN_TYPES) and module.training and module.track_running_stats:
+            counter = module.num_batches_tracked
+            saved_bn.append((module, module.momentum, None if counter is None else counter.clone()))
+            module.momentum = 0.0
+        elif isinstance(module, _DROPOUT_TYPES) and module.training:
+            saved_dropout.append(module)
+            module.eval()
+    try:
+        yield
+    finally:
+        for module, momentum, counter in saved_bn:
+            module.momentum = momentum
+            if counter is not None:
+                module.num_batches_tracked.copy_(counter)
+        for module in saved_dropout:
+            module.train()
+
+
+class ZerothOrderClassifier(Classifier):
+    """Trains on the Gaussian-smoothed loss from forward passes only.
+
+    Each training step: one clean forward (logged as ``train/loss``; it also updates BatchNorm
+    statistics), then the estimator of ∇L_σ (2·num_pairs perturbed forwards with BatchNorm and
+    dropout frozen), written into ``.grad`` for the optimizer. The perturbation seed is a function of
+    ``seed`` and the global step only, so a run resumed from a checkpoint continues exactly as the
+    uninterrupted run would.
+
+    Args:
+        backbone: the network (see :class:`Classifier`).
+        optimizer: optimizer factory; SGD with ``momentum`` or ``nesterov=True`` are the usual ones.
+        scheduler: optional per-epoch learning-rate scheduler factory.
+        num_classes: see :class:`Classifier`.
+        sigma: smoothing scale σ (absolute, in weight units) of L_σ.
+        num_pairs: antithetic pairs N per step (2N perturbed forward passes).
+        estimator: ``"antithetic"``, ``"one_sided"`` or ``"plain"`` (see
+            :func:`robusttrain.estimators.smoothed_loss_grad`).
+        fitness_shaping: use centered ranks instead of raw losses (biased for ∇L_σ; off by default).
+        seed: base seed of the perturbations.
+        population: evaluate all perturbed copies in one batched pass (exact, faster for
+            MLP/CNN backbones); ``None`` chooses automatically.
+        skip_nonfinite: when a perturbed loss is NaN/inf, skip the step (and count it in
+            ``zo/skipped_steps``) instead of stopping the run.
+    """
+
+    method = "zeroth_order"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        num_classes: int | None = None,
+        sigma: float = 0.01,
+        num_pairs: int = 16,
+        estimator: Literal["antithetic", "one_sided", "plain"] = "antithetic",
+        fitness_shaping: bool = False,
+        seed: int = 0,
+        population: bool | None = None,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        super().__init__(backbone, optimizer, scheduler, num_classes)
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a positive number, got {sigma}")
+        if not isinstance(num_pairs, int) or num_pairs < 1:
+            raise ValueError(f"num_pairs must be an integer >= 1, got {num_pairs}")
+        self.sigma = sigma
+        self.num_pairs = num_pairs
+        self.estimator = estimator
+        self.fitness_shaping = fitness_shaping
+        self.seed = seed
+        self.population = population
+        self.skip_nonfinite = skip_nonfinite
+        self.automatic_optimization = False
+        self._forward_passes = 0
+        self._skipped_steps = 0
+
+    def _use_population(self) -> bool:
+        from robusttrain import population
+
+        if self.population is False:
+            return False
+        if self.population is None:
+            return population.choose_population(self.backbone, self.device)
+        if not population.supports_population(self.backbone):
+            raise ValueError(
+                f"population=True needs a backbone of plain Linear/Conv2d layers; "
+                f"{type(self.backbone).__name__} is not one. Use population: null"
+            )
+        return True
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        optimizer = self.optimizers()
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        with torch.no_grad():
+            loss, logits, _ = self.model_step(batch)
+        self._log_train(loss, logits, y)
+        seed = _step_seed(self.seed, self.global_step)
+        options = {
+            "sigma": self.sigma,
+            "num_pairs": self.num_pairs,
+            "seed": seed,
+            "estimator": self.estimator,
+            "fitness_shaping": self.fitness_shaping,
+        }
+        try:
+            with frozen_stochastic_layers(self.backbone):
+                if self._use_population():
+                    from robusttrain.population import population_smoothed_grad
+
+                    estimate = population_smoothed_grad(self.backbone, x, y, **options)
+                else:
+                    estimate = estimate_smoothed_grad(
+                        lambda: F.cross_entropy(self.backbone(x), y), params, **options
+                    )
+        except NonFiniteLossError as err:
+            if not self.skip_nonfinite:
+                raise
+            self._skipped_steps += 1
+            self.log("zo/skipped_steps", float(self._skipped_steps))
+            self.print(f"step {self.global_step}: skipped ({err})")
+            return
+        self._forward_passes += estimate.num_forward + 1
+        grad_sq = torch.zeros((), device=self.device)
+        for p, g in zip(params, estimate.grads):
+            p.grad = g
+            grad_sq += g.float().pow(2).sum()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.log("zo/grad_norm", grad_sq.sqrt())
+        self.log("zo/mean_abs_diff", float(estimate.mean_abs_diff))
+        self.log("zo/forward_passes", float(self._forward_passes))
+
+    def on_train_epoch_end(self) -> None:
+        self._step_scheduler_manually()
+
+    def robusttrain_meta(self) -> dict[str, Any]:
+        meta = super().robusttrain_meta()
+        meta.update(sigma=self.sigma, num_pairs=self.num_pairs, estimator=self.estimator)
+        return meta
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["robusttrain"]["forward_passes"] = self._forward_passes
+        checkpoint["robusttrain"]["skipped_steps"] = self._skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("robusttrain", {})
+        self._forward_passes = int(meta.get("forward_passes", 0))
+        self._skipped_steps = int(meta.get("skipped_steps", 0))
+
+
+class NoiseInjectionClassifier(Classifier):
+    """Backprop on the smoothed loss: the gradient at θ + σg (fresh g each step) updates θ.
+
+    ∇_θ L(θ + σg) with g ~ N(0, I) is an unbiased one-sample estimate of ∇L_σ(θ) (the
+    reparameterisation trick), so this method minimizes the same objective as
+    :class:`ZerothOrderClassifier` with first-order information — the fair control for it (noise
+    injection / random weight perturbation training). Every trainable parameter is perturbed, as in
+    the zeroth-order method; the clean weights are restored bit for bit before the optimizer step.
+
+    Args:
+        backbone: the network.
+        optimizer: optimizer factory.
+        scheduler: optional per-epoch learning-rate scheduler factory.
+        num_classes: see :class:`Classifier`.
+        sigma: smoothing scale σ (absolute, in weight units).
+        seed: base seed of the perturbations (with the global step, fixes each step's g).
+    """
+
+    method = "noise_injection"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        num_classes: int | None = None,
+        sigma: float = 0.01,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(backbone, optimizer, scheduler, num_classes)
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a positive number, got {sigma}")
+        self.sigma = sigma
+        self.seed = seed
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        from robusttrain.estimators import draw_noise
+
+        optimizer = self.optimizers()
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(_step_seed(self.seed, self.global_step))
+        noise = draw_noise(params, generator)
+        clean = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                offset = 0
+                for p in params:
+                    n = p.numel()
+                    p.add_(noise[offset : offset + n].view_as(p), alpha=self.sigma)
+                    offset += n
+            loss, logits, y = self.model_step(batch)
+            self._log_train(loss, logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+        finally:
+            with torch.no_grad():
+                for p, c in zip(params, clean):
+                    p.copy_(c)
+        optimizer.step()
+        return loss.detach()
+
+    def on_train_epoch_end(self) -> None:
+        self._step_scheduler_manually()
+
+    def robusttrain_meta(self) -> dict[str, Any]:
+        meta = super().robusttrain_meta()
+        meta.update(sigma=self.sigma)
+        return meta
+
+
+# ----- loading checkpoints for evaluation ------------------------------------------------------
+class CheckpointError(ValueError):
+    """A file that cannot be used as a robusttrain checkpoint; the message says why."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A backbone rebuilt from a checkpoint, with the data settings it was trained on.
+
+    Attributes:
+        backbone: the network with its trained weights, in eval mode, on the CPU.
+        data: keyword arguments for :class:`robusttrain.data.ImageDataModule`.
+        meta: the checkpoint's ``robusttrain`` entry (method, sigma, ...), plus ``path``.
+    """
+
+    backbone: nn.Module
+    data: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """Rebuild the trained backbone of a robusttrain checkpoint without executing code from it.
+
+    The file is read with ``torch.load(weights_only=True)``, and the backbone class must be one of
+    :mod:`robusttrain.models`.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or not a robusttrain checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means "not a usable checkpoint"
+        raise CheckpointError(
+            f"{path} is not a readable weights-only checkpoint ({type(err).__name__}); "
+            "pass a .ckpt written by `robusttrain fit`"
+        ) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("robusttrain"), dict):
+        raise CheckpointError(
+            f"{path} is not a robusttrain checkpoint (no 'robusttrain' entry); "
+            "pass a .ckpt written by `robusttrain fit`"
+        )
+    meta = dict(checkpoint["robusttrain"])
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} has checkpoint format {meta.get('format')!r}; this robusttrain reads "
+            f"format {CHECKPOINT_FORMAT}"
+        )
+    try:
+        backbone = build_backbone(meta.get("backbone"))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot rebuild the backbone: {err}") from None
+    state = {
+        k[len("backbone.") :]: v
+        for k, v in checkpoint.get("state_dict", {}).items()
+        if k.startswith("backbone.")
+    }
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit the backbone: {first_line}") from None
+    backbone.eval()
+    meta["path"] = str(path)
+    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    return LoadedCheckpoint(backbone=backbone, data=data, meta=meta)

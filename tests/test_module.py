@@ -1,0 +1,197 @@
+"""The LightningModules on small synthetic problems (real-data training lives in test_training.py)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from robusttrain.models import MLP
+from robusttrain.module import (
+    CheckpointError,
+    Classifier,
+    NoiseInjectionClassifier,
+    ZerothOrderClassifier,
+    _step_seed,
+    frozen_stochastic_layers,
+    load_checkpoint,
+)
+
+
+def blobs(n=512, dim=8, classes=3, seed=0):
+    """Gaussian blobs that a linear model separates almost perfectly."""
+    g = torch.Generator().manual_seed(seed)
+    centers = 4 * torch.randn(classes, dim, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return centers[y] + torch.randn(n, dim, generator=g), y
+
+
+def loaders(batch_size=64):
+    x, y = blobs()
+    train = DataLoader(TensorDataset(x[:384], y[:384]), batch_size=batch_size, shuffle=False)
+    val = DataLoader(TensorDataset(x[384:], y[384:]), batch_size=128)
+    return train, val
+
+
+def trainer(tmp_path, **kwargs):
+    defaults = dict(
+        default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", max_epochs=1,
+    )
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+def sgd(lr=0.1, **kw):
+    return lambda params: torch.optim.SGD(params, lr=lr, **kw)
+
+
+def test_backprop_classifier_learns_blobs(tmp_path):
+    train, val = loaders()
+    model = Classifier(MLP(8, [16], 3), optimizer=sgd(0.1, momentum=0.9))
+    t = trainer(tmp_path, max_epochs=5, enable_checkpointing=False)
+    t.fit(model, train, val)
+    # chance is 1/3; the blobs are 4 sd apart, a trained MLP is near perfect
+    assert t.callback_metrics["val/acc"] > 0.9
+
+
+def test_zeroth_order_classifier_learns_blobs(tmp_path):
+    train, val = loaders()
+    model = ZerothOrderClassifier(
+        MLP(8, [16], 3), optimizer=sgd(0.2, momentum=0.9, nesterov=True), sigma=0.01, num_pairs=16
+    )
+    t = trainer(tmp_path, max_epochs=5, enable_checkpointing=False)
+    t.fit(model, train, val)
+    assert t.callback_metrics["val/acc"] > 0.9
+    # 6 steps per epoch, each 2N perturbed forwards + 1 clean forward
+    assert model._forward_passes == 5 * 6 * (2 * 16 + 1)
+
+
+def test_num_classes_must_be_known():
+    with pytest.raises(ValueError, match="num_classes"):
+        Classifier(nn.Linear(4, 3))
+    assert Classifier(nn.Linear(4, 3), num_classes=3).num_classes == 3
+
+
+@pytest.mark.parametrize("bad", [dict(sigma=0.0), dict(sigma=float("nan")), dict(num_pairs=0)])
+def test_zeroth_order_rejects_bad_settings(bad):
+    with pytest.raises(ValueError):
+        ZerothOrderClassifier(MLP(8, [4], 3), **bad)
+
+
+def test_zeroth_order_resume_matches_uninterrupted_run(tmp_path):
+    """Perturbation seeds derive from (seed, global step): a resumed run continues identically."""
+    train, val = loaders()
+    torch.manual_seed(0)
+    backbone = MLP(8, [16], 3)
+    opt = sgd(0.1, momentum=0.9, nesterov=True)
+
+    full = ZerothOrderClassifier(copy.deepcopy(backbone), optimizer=opt, num_pairs=4, seed=3)
+    trainer(tmp_path / "full", max_epochs=2, enable_checkpointing=False).fit(full, train, val)
+
+    first = ZerothOrderClassifier(copy.deepcopy(backbone), optimizer=opt, num_pairs=4, seed=3)
+    t1 = trainer(tmp_path / "a", max_epochs=1)
+    t1.fit(first, train, val)
+    ckpt = tmp_path / "epoch1.ckpt"
+    t1.save_checkpoint(ckpt)
+    resumed = ZerothOrderClassifier(copy.deepcopy(backbone), optimizer=opt, num_pairs=4, seed=3)
+    trainer(tmp_path / "b", max_epochs=2).fit(resumed, train, val, ckpt_path=ckpt)
+
+    for a, b in zip(full.backbone.parameters(), resumed.backbone.parameters()):
+        assert torch.equal(a, b)
+    assert resumed._forward_passes == full._forward_passes
+    # and the seed matters: a different seed gives different weights
+    other = ZerothOrderClassifier(copy.deepcopy(backbone), optimizer=opt, num_pairs=4, seed=4)
+    trainer(tmp_path / "c", max_epochs=1, enable_checkpointing=False).fit(other, train, val)
+    assert not torch.equal(other.backbone.net[1].weight, first.backbone.net[1].weight)
+
+
+def test_noise_injection_step_uses_gradient_at_perturbed_point(tmp_path):
+    x, y = blobs(n=64)
+    train = DataLoader(TensorDataset(x, y), batch_size=64)
+    torch.manual_seed(0)
+    backbone = MLP(8, [16], 3)
+    before = copy.deepcopy(backbone)
+    sigma, lr, seed = 0.1, 0.5, 7
+    model = NoiseInjectionClassifier(backbone, optimizer=sgd(lr), sigma=sigma, seed=seed)
+    trainer(tmp_path, max_steps=1, enable_checkpointing=False, limit_val_batches=0).fit(model, train)
+
+    # the same step by hand: gradient at theta + sigma*g with g from the step-0 seed
+    from robusttrain.estimators import draw_noise
+
+    params = list(before.parameters())
+    g = draw_noise(params, torch.Generator().manual_seed(_step_seed(seed, 0)))
+    perturbed = copy.deepcopy(before)
+    with torch.no_grad():
+        offset = 0
+        for p in perturbed.parameters():
+            p.add_(g[offset : offset + p.numel()].view_as(p), alpha=sigma)
+            offset += p.numel()
+    F.cross_entropy(perturbed(x), y).backward()
+    for p0, pg, p1 in zip(params, perturbed.parameters(), model.backbone.parameters()):
+        torch.testing.assert_close(p1, p0 - lr * pg.grad)
+    # the clean-point gradient gives a different step, so the test can tell them apart
+    clean = copy.deepcopy(before)
+    F.cross_entropy(clean(x), y).backward()
+    w_clean = params[0] - lr * next(clean.parameters()).grad
+    assert not torch.allclose(w_clean, next(model.backbone.parameters()))
+
+
+def test_frozen_stochastic_layers_keep_bn_statistics_and_disable_dropout():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 2))
+    model.train()
+    bn, drop = model[1], model[2]
+    model(torch.randn(32, 4))  # some running statistics
+    state = copy.deepcopy(bn.state_dict())
+    momentum = bn.momentum
+    x = torch.randn(32, 4)
+    with frozen_stochastic_layers(model):
+        assert not drop.training and bn.training
+        out1, out2 = model(x), model(x)
+        torch.testing.assert_close(out1, out2)  # dropout frozen, BN uses batch stats
+    for k, v in state.items():
+        assert torch.equal(bn.state_dict()[k], v), k
+    assert bn.momentum == momentum and drop.training
+    model(x)  # outside, statistics move again
+    assert not torch.equal(bn.running_mean, state["running_mean"])
+
+
+def test_checkpoint_roundtrip_through_trainer(tmp_path):
+    train, val = loaders()
+    model = Classifier(MLP(8, [16], 3), optimizer=sgd(0.1))
+    t = trainer(tmp_path, max_epochs=1)
+    t.fit(model, train, val)
+    path = tmp_path / "m.ckpt"
+    t.save_checkpoint(path)
+    loaded = load_checkpoint(path)
+    assert loaded.meta["method"] == "backprop"
+    assert not loaded.backbone.training
+    for a, b in zip(loaded.backbone.parameters(), model.backbone.parameters()):
+        assert torch.equal(a, b)
+    # the file also loads with plain weights-only torch.load (no code runs)
+    torch.load(path, weights_only=True)
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(junk)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a robusttrain checkpoint"):
+        load_checkpoint(foreign)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"robusttrain": {"format": 1, "backbone": {"class_path": "os.system"}}}, evil)
+    with pytest.raises(CheckpointError, match="not a robusttrain model"):
+        load_checkpoint(evil)
+    wrong = tmp_path / "wrong.ckpt"
+    spec = MLP(8, [16], 3).spec
+    torch.save({"robusttrain": {"format": 1, "backbone": spec}, "state_dict": {}}, wrong)
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_checkpoint(wrong)
