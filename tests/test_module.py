@@ -60,8 +60,9 @@ def test_backprop_classifier_learns_blobs(tmp_path):
 
 def test_zeroth_order_classifier_learns_blobs(tmp_path):
     train, val = loaders()
+    torch.manual_seed(0)
     model = ZerothOrderClassifier(
-        MLP(8, [16], 3), optimizer=sgd(0.2, momentum=0.9, nesterov=True), sigma=0.01, num_pairs=16
+        MLP(8, [16], 3), optimizer=sgd(0.02, momentum=0.9, nesterov=True), sigma=0.01, num_pairs=16
     )
     t = trainer(tmp_path, max_epochs=5, enable_checkpointing=False)
     t.fit(model, train, val)
