@@ -37,6 +37,11 @@ class RobustTrainCLI(LightningCLI):
             }
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # The model's settings come from --config; a checkpoint holds only part of them (its
+        # backbone and optimizer are not hyperparameters), so they are not merged back from it.
+        return
+
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> RobustTrainCLI:
     """Build (and by default run) the LightningCLI; ``args`` as on the command line."""

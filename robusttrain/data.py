@@ -519,7 +519,13 @@ class ImageDataModule(LightningDataModule):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if train_subset is not None and (not isinstance(train_subset, int) or train_subset < 1):
             raise ValueError(f"train_subset must be null or an integer >= 1, got {train_subset!r}")
-        self.save_hyperparameters()
+        # saved explicitly (not from the caller's frame) so subclasses record `dataset` too
+        self.save_hyperparameters(
+            {"dataset": dataset, "data_dir": data_dir, "batch_size": batch_size,
+             "eval_batch_size": eval_batch_size, "val_size": val_size, "split_seed": split_seed,
+             "download": download, "augment": augment, "train_subset": train_subset,
+             "num_workers": num_workers}
+        )
         self.spec = spec
         self.num_classes = len(spec.class_names)
         self.input_shape = spec.input_shape
@@ -586,7 +592,7 @@ class ImageDataModule(LightningDataModule):
         return self._eval_loader(self.test_x, self.test_y)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self._trainer
+        trainer = self.trainer
         if self.augment and trainer is not None and trainer.training:
             x, y = batch
             return random_crop_flip(x), y
