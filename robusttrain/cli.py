@@ -67,6 +67,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> RobustTrainCLI:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``robusttrain`` console script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "robustness":
         from robusttrain.robustness import main as robustness_main
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from robusttrain.compare import main as compare_main
 
         return compare_main(argv[1:])
-    make_cli(argv)
+    make_cli(None if from_command_line else argv)
     return 0
 
 
