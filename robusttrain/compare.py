@@ -258,10 +258,13 @@ def train_run(
     resumed = "ckpt_path" in args
     print(f"[compare] {'resuming' if resumed else 'training'} {_label(method, sigma)} seed {seed}")
     start = time.perf_counter()
+    ckpt_path = args.pop("ckpt_path", None)
+    config_path = run_dir / "fit_config.yaml"
+    _write_atomic(config_path, yaml.safe_dump(args, sort_keys=False))
     try:
-        cli = make_cli({"fit": args}, run=False)
+        cli = make_cli(["--config", str(config_path)], run=False)
         trainer, model = cli.trainer, cli.model
-        trainer.fit(model, datamodule=cli.datamodule, ckpt_path=args.get("ckpt_path"))
+        trainer.fit(model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     finally:
         elapsed = earlier + time.perf_counter() - start
         _write_atomic(progress_path, json.dumps({"seconds": elapsed}))
