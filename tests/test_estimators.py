@@ -237,3 +237,14 @@ def test_forward_counts_and_diagnostics():
     assert anti.mean_abs_diff == pytest.approx(
         (anti.losses_plus - anti.losses_minus).abs().mean().item())
     assert one.baseline == 0.0
+
+
+def test_noise_injection_gradient_is_unbiased_for_the_smoothed_gradient():
+    # ∇L_σ(θ) = E[∇L(θ + σg)] (reparameterisation), the objective of NoiseInjectionClassifier
+    m = 4000
+    g = torch.randn(m, THETA.numel(), generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    points = (THETA + SIGMA * g).requires_grad_(True)
+    (grads,) = torch.autograd.grad(torch.cos(points).sum(), points)
+    assert within(grads, COS_TRUTH)
+    assert not within(grads, -torch.sin(THETA))
