@@ -1,0 +1,154 @@
+"""Speed and memory of one smoothed-gradient estimate, against the forward-pass limit and EvoTorch.
+
+    python experiments/bench_estimator.py            # full run (about 2 minutes on 2 cores)
+    python experiments/bench_estimator.py --quick    # a few seconds, to check that it runs
+
+For the Fashion-MNIST MLP (784-128-10) and the LeNet CNN on a batch of 256, with N = 16 and 64
+antithetic pairs, it prints the median time of one estimate (noise generation included) for the
+in-place loop (`estimate_smoothed_grad`) and, where it applies, the batched path
+(`population_smoothed_grad`); that time divided by the time of 2N plain forward passes of the same
+model on the same batch, measured side by side in the same process (the forward-pass limit); and
+the peak resident memory of a fresh process doing only that (VmHWM from /proc, so it includes the
+interpreter and torch, about 300 MB; compare the rows with the forward-only row). When EvoTorch is
+installed (`pip install 'robusttrain[evotorch]'`), it times one PGPE step with symmetric sampling
+(population 2N) on the same network and batch in the same run.
+
+Inputs are random tensors of the real shapes (timing does not depend on pixel values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from robusttrain.estimators import estimate_smoothed_grad
+from robusttrain.models import MLP, LeNet
+from robusttrain.population import population_smoothed_grad, supports_population
+
+BATCH = 256
+
+
+def build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return MLP(784, [128], 10) if name == "mlp" else LeNet(1, 10)
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_case(model_name: str, path: str, pairs: int, repeats: int) -> float:
+    model = build(model_name).eval()
+    x, y = batch()
+    params = list(model.parameters())
+    seed = iter(range(10**9))
+    if path == "forward":
+        def fn():
+            with torch.no_grad():
+                for _ in range(2 * pairs):
+                    model(x)
+    elif path == "loop":
+        def fn():
+            estimate_smoothed_grad(lambda: F.cross_entropy(model(x), y), params, sigma=0.01,
+                                   num_pairs=pairs, seed=next(seed))
+    elif path == "batched":
+        def fn():
+            population_smoothed_grad(model, x, y, sigma=0.01, num_pairs=pairs, seed=next(seed))
+    elif path == "evotorch":
+        fn = evotorch_step(model, x, y, pairs)
+    else:
+        raise ValueError(path)
+    return median_time(fn, repeats)
+
+
+def evotorch_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pairs: int):
+    """One PGPE generation (symmetric sampling, population 2N) on the same network and batch."""
+    from evotorch.algorithms import PGPE
+    from evotorch.neuroevolution import SupervisedNE
+    from torch.utils.data import TensorDataset
+
+    problem = SupervisedNE(
+        TensorDataset(x, y), model, torch.nn.CrossEntropyLoss(), minibatch_size=BATCH,
+        num_minibatches=1, common_minibatch=True,
+    )
+    searcher = PGPE(problem, popsize=2 * pairs, center_learning_rate=0.01,
+                    stdev_learning_rate=0.1, stdev_init=0.01, symmetric=True)
+    return searcher.step
+
+
+def peak_memory_mb(model_name: str, path: str, pairs: int) -> float:
+    """VmHWM of a fresh process that runs the case a few times."""
+    code = (
+        "import sys; sys.path.insert(0, 'experiments');"
+        "import bench_estimator as b;"
+        f"b.run_case({model_name!r}, {path!r}, {pairs}, 3);"
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats, N = 16 only")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 15
+    pair_counts = [16] if args.quick else [16, 64]
+    try:
+        import evotorch  # noqa: F401
+
+        have_evotorch = True
+    except ImportError:
+        have_evotorch = False
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, "
+          f"EvoTorch {'installed' if have_evotorch else 'not installed'}")
+    print(f"{'model':6} {'N':>3} {'path':9} {'median ms':>10} {'x fwd limit':>12} "
+          f"{'peak MB':>8} {'EvoTorch / this':>16}")
+    results = []
+    for model_name in ["mlp", "cnn"]:
+        for pairs in pair_counts:
+            forward = run_case(model_name, "forward", pairs, repeats)
+            evo = run_case(model_name, "evotorch", pairs, max(3, repeats // 3)) \
+                if have_evotorch else None
+            paths = ["loop"] + (["batched"] if supports_population(build(model_name)) else [])
+            rows = [("forward", forward)] + [(p, run_case(model_name, p, pairs, repeats))
+                                              for p in paths]
+            if evo is not None:
+                rows.append(("evotorch", evo))
+            for path, seconds in rows:
+                mem = None if args.quick else peak_memory_mb(model_name, path, pairs)
+                ratio_evo = f"{evo / seconds:16.1f}" if evo and path in paths else " " * 16
+                print(f"{model_name:6} {pairs:3d} {path:9} {1000 * seconds:10.1f} "
+                      f"{seconds / forward:12.2f} {'' if mem is None else f'{mem:8.0f}'} "
+                      f"{ratio_evo}")
+                results.append({"model": model_name, "pairs": pairs, "path": path,
+                                "median_s": seconds, "ratio_to_forward_limit": seconds / forward,
+                                "peak_mb": mem,
+                                "evotorch_over_this": (evo / seconds) if evo else None})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
