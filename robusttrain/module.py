@@ -310,8 +310,13 @@ class ZerothOrderClassifier(Classifier):
             self.print(f"step {self.global_step}: skipped ({err})")
             return
         self._forward_passes += estimate.num_forward + 1
+        grads = estimate.grads
+        if self.trainer.world_size > 1:
+            # every process used the same directions on its own shard of the batch: the mean of
+            # the estimates is the estimate on the whole batch (it is linear in the losses)
+            grads = [self.trainer.strategy.reduce(g, reduce_op="mean") for g in grads]
         grad_sq = torch.zeros((), device=self.device)
-        for p, g in zip(params, estimate.grads):
+        for p, g in zip(params, grads):
             p.grad = g
             grad_sq += g.float().pow(2).sum()
         optimizer.step()
