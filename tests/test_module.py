@@ -196,3 +196,40 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"robusttrain": {"format": 1, "backbone": spec}, "state_dict": {}}, wrong)
     with pytest.raises(CheckpointError, match="weights do not fit"):
         load_checkpoint(wrong)
+
+
+@pytest.mark.parametrize("population", [False, True])
+def test_zeroth_order_with_adam_and_both_paths_agree(tmp_path, population):
+    # Adam consumes the estimate like any torch.optim optimizer; the batched MLP path and the
+    # in-place loop give the same training run up to float rounding
+    train, val = loaders()
+    results = {}
+    for path in (False, True):
+        torch.manual_seed(0)
+        model = ZerothOrderClassifier(
+            MLP(8, [16], 3), optimizer=lambda p: torch.optim.Adam(p, lr=0.03), sigma=0.01,
+            num_pairs=8, population=path,
+        )
+        t = trainer(tmp_path, max_epochs=3, enable_checkpointing=False)
+        t.fit(model, train, val)
+        results[path] = (float(t.callback_metrics["val/acc"]),
+                         torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert results[population][0] > 0.9
+    assert torch.allclose(results[False][1], results[True][1], atol=1e-4)
+
+
+def test_non_finite_perturbed_loss_stops_or_skips(tmp_path):
+    train, val = loaders()
+    for skip in (False, True):
+        model = ZerothOrderClassifier(MLP(8, [16], 3), optimizer=sgd(0.01), sigma=1e30,
+                                      num_pairs=2, population=False, skip_nonfinite=skip)
+        before = [p.detach().clone() for p in model.parameters()]
+        t = trainer(tmp_path, max_epochs=1, limit_train_batches=2, enable_checkpointing=False)
+        if not skip:
+            with pytest.raises(FloatingPointError, match="(?i)lower the learning rate or sigma"):
+                t.fit(model, train, val)
+        else:
+            t.fit(model, train, val)
+            assert model._skipped_steps == 2
+        # the weights were never touched by a non-finite step
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
