@@ -96,7 +96,7 @@ def perturbed_losses(
             "robusttrain.estimators.estimate_smoothed_grad for it"
         )
     k = noise.shape[0]
-    signs = torch.tensor([1.0, -1.0] if antithetic else [1.0], device=x.device)
+    signs = (1.0, -1.0) if antithetic else (1.0,)
     members = len(signs) * k
     offset = 0
     h = x.flatten(1)
@@ -105,10 +105,12 @@ def perturbed_losses(
     for layer in layers:
         if not isinstance(layer, nn.Linear):
             if isinstance(layer, nn.ReLU):
-                h, clean = F.relu(h), F.relu(clean)
+                # h is this function's own buffer by now (the chain starts with a Linear layer)
+                h, clean = F.relu_(h), F.relu(clean)
             continue
         out_f, in_f = layer.weight.shape
-        z_w = noise[:, offset : offset + out_f * in_f].view(k, out_f, in_f)
+        # (K, out, in) view of each direction's block; rows are P apart, no copy
+        z_w = noise[:, offset : offset + out_f * in_f].unflatten(1, (out_f, in_f))
         offset += out_f * in_f
         z_b = None
         if layer.bias is not None:
@@ -116,19 +118,19 @@ def perturbed_losses(
             offset += out_f
         clean = F.linear(clean, layer.weight, layer.bias)
         if first:
-            # (B, in) @ (in, K*out) -> (B, K, out): each pair's noise term, once for both members
-            delta = (h @ z_w.reshape(k * out_f, in_f).T).view(-1, k, out_f).transpose(0, 1)
+            # x Zᵀ for every direction at once (K, B, out): once for both members of a pair
+            delta = torch.matmul(h, z_w.transpose(1, 2))
             if z_b is not None:
-                delta = delta + z_b[:, None, :]
-            h = clean[None] + sigma * signs.view(-1, 1, 1, 1) * delta[None]
-            h = h.reshape(members, -1, out_f)
+                delta += z_b[:, None, :]
+            h = torch.empty((members, *clean.shape), dtype=clean.dtype, device=clean.device)
+            for j, sign in enumerate(signs):
+                torch.add(clean, delta, alpha=sign * sigma, out=h[j * k : (j + 1) * k])
             first = False
         else:
-            w = layer.weight[None, None] + sigma * signs.view(-1, 1, 1, 1) * z_w[None]
-            w = w.reshape(members, out_f, in_f)
+            w = torch.cat([layer.weight + sign * sigma * z_w for sign in signs])
             if z_b is not None:
-                b = layer.bias[None, None] + sigma * signs.view(-1, 1, 1) * z_b[None]
-                h = torch.baddbmm(b.reshape(members, 1, out_f), h, w.transpose(1, 2))
+                b = torch.cat([layer.bias + sign * sigma * z_b for sign in signs])
+                h = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
             else:
                 h = torch.bmm(h, w.transpose(1, 2))
     logits = h  # (members, B, classes)
