@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from robusttrain.data import DEBIAN_FASHION_DIR
+from robusttrain.data import DEBIAN_FASHION_DIR, load_arrays
 
 
 def _test_data_dir() -> Path:
@@ -37,17 +37,40 @@ def data_roots() -> dict[str, Path | None]:
     return _roots()
 
 
-def _require(name: str, hint: str):
+_HINTS = {
+    "mnist": "set ROBUSTTRAIN_TEST_DATA to a folder holding MNIST/raw/",
+    "cifar10": "set ROBUSTTRAIN_TEST_DATA to a folder holding cifar-10-batches-bin/",
+    "fashion_mnist": "apt-get install dataset-fashion-mnist",
+}
+
+
+def _require(name: str):
     @pytest.fixture(scope="session")
     def fixture() -> Path:
         root = _roots()[name]
         if root is None:
-            pytest.skip(f"{name} files not found: {hint}")
+            pytest.skip(f"{name} files not found: {_HINTS[name]}")
         return root
 
     return fixture
 
 
-mnist_dir = _require("mnist", "set ROBUSTTRAIN_TEST_DATA to a folder holding MNIST/raw/")
-cifar10_dir = _require("cifar10", "set ROBUSTTRAIN_TEST_DATA to a folder holding cifar-10-batches-bin/")
-fashion_dir = _require("fashion_mnist", "apt-get install dataset-fashion-mnist")
+mnist_dir = _require("mnist")
+cifar10_dir = _require("cifar10")
+fashion_dir = _require("fashion_mnist")
+
+
+@pytest.fixture(scope="session")
+def real_arrays():
+    """``load(dataset)`` -> the dataset's raw arrays, read once per test session (or skip)."""
+    cache: dict[str, dict] = {}
+
+    def load(dataset: str) -> dict:
+        root = _roots()[dataset]
+        if root is None:
+            pytest.skip(f"{dataset} files not found: {_HINTS[dataset]}")
+        if dataset not in cache:
+            cache[dataset] = load_arrays(dataset, root)
+        return cache[dataset]
+
+    return load
