@@ -1,80 +1,170 @@
-"""Weight-noise models, applied to a model in place and always undone.
+r"""Weight-noise models, applied to a model in place and always undone.
 
-Three models of how deployed weights differ from the trained ones (ε ~ N(0, 1) iid per weight):
+Three models of how deployed weights differ from the trained ones, with ε ~ N(0, 1) iid per weight:
 
 * ``"absolute"``: w + σ·ε — the same absolute scale everywhere (the units of the training σ).
-* ``"relative"`` (default): w + η·max|W_layer|·ε — the scale is a fraction η of the largest weight
-  of each tensor, the convention of analog-hardware noise studies (IBM aihwkit; Joshi et al. 2020,
-  "Accurate deep neural network inference using computational phase-change memory").
-* ``"multiplicative"``: w·(1 + η·ε) — each weight off by a fraction of itself.
+* ``"relative"`` (default): w + η·max|W_layer|·ε — the scale is a fraction η of the largest
+  magnitude in each tensor, the convention of analog-hardware noise studies (IBM aihwkit; Joshi et
+  al. 2020, "Accurate deep neural network inference using computational phase-change memory",
+  Nat. Commun. 11, 2473).
+* ``"multiplicative"``: w·(1 + η·ε) — each weight off by a fraction of itself (a zero stays zero).
 
-By default the weights of Linear and convolution layers are perturbed; biases and normalization
-parameters only when asked.
+All three are w + level·s(w)·ε with a scale s(w) = 1, max|W| or w, so one draw ε gives
+the perturbation at every level, and ``level = 0`` is no perturbation at all.
+
+Which tensors: the weights of Linear and convolution layers (``nn.Linear``, ``nn.Conv1d/2d/3d``) by
+default; their biases with ``include_bias``; the affine parameters of BatchNorm, GroupNorm and
+LayerNorm with ``include_norm``. ε is one flat float32 ``torch.randn`` over the selected tensors, laid
+out tensor after tensor (the convention of :func:`robusttrain.estimators.draw_noise`), so two models
+with the same architecture get the same ε from the same seed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import numbers
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["NOISE_MODELS", "noisy_parameters", "perturbed_weights", "draw_perturbation"]
+from robusttrain.estimators import draw_noise
+
+__all__ = [
+    "NOISE_MODELS",
+    "check_noise",
+    "draw_directions",
+    "noise_scale",
+    "noisy_parameters",
+    "perturbed_weights",
+    "preserved_state",
+]
 
 NOISE_MODELS = ("relative", "absolute", "multiplicative")
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-def check_noise(noise: str, level: float) -> None:
-    """Raise a ValueError naming the problem for an unknown model or a bad level."""
+def check_noise(noise: str, level: float) -> float:
+    """Validate a noise model and level; return the level as a float.
+
+    Args:
+        noise: one of :data:`NOISE_MODELS`.
+        level: the noise level (η for relative/multiplicative noise, σ for absolute noise).
+
+    Raises:
+        ValueError: an unknown noise model (the message lists the valid ones), or a level that is
+            not a finite number >= 0.
+    """
     if noise not in NOISE_MODELS:
         raise ValueError(f"unknown noise model {noise!r}; choose one of {', '.join(NOISE_MODELS)}")
-    if not isinstance(level, (int, float)) or not math.isfinite(level) or level < 0:
+    if isinstance(level, bool) or not isinstance(level, numbers.Real):
         raise ValueError(f"noise level must be a finite number >= 0, got {level!r}")
+    level = float(level)
+    if not math.isfinite(level) or level < 0:
+        raise ValueError(f"noise level must be a finite number >= 0, got {level!r}")
+    return level
 
 
 def noisy_parameters(
     model: nn.Module, include_bias: bool = False, include_norm: bool = False
 ) -> list[tuple[str, nn.Parameter]]:
-    """The (name, tensor) pairs a perturbation touches, in ``named_modules`` order."""
-    selected = []
+    """The (name, parameter) pairs a perturbation touches, in ``named_modules`` order.
+
+    Args:
+        model: the network.
+        include_bias: also the biases of Linear and convolution layers.
+        include_norm: also the weight and bias of BatchNorm, GroupNorm and LayerNorm layers.
+
+    Raises:
+        ValueError: nothing in ``model`` is selected.
+    """
+    selected: list[tuple[str, nn.Parameter]] = []
+    seen: set[int] = set()  # a parameter shared by two layers is perturbed once
     for prefix, module in model.named_modules():
-        if isinstance(module, _WEIGHT_LAYERS):
-            names = ["weight"] + (["bias"] if include_bias else [])
-        elif isinstance(module, _NORM_LAYERS) and include_norm:
+        if isinstance(module, WEIGHT_LAYERS):
+            names = ["weight", "bias"] if include_bias else ["weight"]
+        elif isinstance(module, NORM_LAYERS) and include_norm:
             names = ["weight", "bias"]
         else:
             continue
         for name in names:
             param = getattr(module, name, None)
-            if isinstance(param, torch.Tensor):
+            if isinstance(param, torch.Tensor) and id(param) not in seen:
+                seen.add(id(param))
                 selected.append((f"{prefix}.{name}" if prefix else name, param))
     if not selected:
         raise ValueError(
-            f"{type(model).__name__} has no Linear/Conv weights to perturb; pass "
-            "include_bias/include_norm or a model with such layers"
+            f"{type(model).__name__} has no Linear/Conv weights to perturb (nor, if asked, biases "
+            "or normalization parameters); pass a model with such layers or set "
+            "include_bias/include_norm"
         )
     return selected
 
 
-def draw_perturbation(
-    tensors: list[torch.Tensor], noise: str, level: float, generator: torch.Generator
+def noise_scale(weight: torch.Tensor, noise: str) -> torch.Tensor | float:
+    """The per-weight scale s(w) such that the perturbation is ``level * s(w) * ε``.
+
+    Args:
+        weight: one parameter tensor.
+        noise: ``"absolute"`` (s = 1), ``"relative"`` (s = max|W|, a scalar per tensor) or
+            ``"multiplicative"`` (s = w, so that w + η·w·ε = w·(1 + η·ε)).
+    """
+    if noise == "absolute":
+        return 1.0
+    if noise == "relative":
+        return weight.detach().abs().max().float()
+    if noise == "multiplicative":
+        return weight.detach().float()
+    raise ValueError(f"unknown noise model {noise!r}; choose one of {', '.join(NOISE_MODELS)}")
+
+
+def draw_directions(
+    tensors: Sequence[torch.Tensor],
+    noise: str,
+    generator: torch.Generator,
+    out: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """The additive change each tensor gets, drawn tensor after tensor from ``generator``."""
-    deltas = []
+    """The direction s(w)·ε of each tensor for one draw of ε; the change at level η is η·s(w)·ε.
+
+    Args:
+        tensors: the tensors to perturb, at their clean values (they set the scales of relative
+            and multiplicative noise).
+        noise: one of :data:`NOISE_MODELS`.
+        generator: a seeded local generator on the tensors' device.
+        out: optional flat float32 buffer of the total size, reused for ε.
+
+    Returns:
+        One tensor per input, of its shape and dtype.
+    """
+    eps = draw_noise(tensors, generator, out=out)  # flat float32 (P_total,)
+    directions = []
+    offset = 0
     for w in tensors:
-        eps = torch.randn(w.shape, generator=generator, device=w.device, dtype=torch.float32)
-        if noise == "absolute":
-            scale = level
-        elif noise == "relative":
-            scale = level * w.detach().abs().max().float()
-        else:  # multiplicative: w(1 + η ε) = w + η w ε
-            scale = level * w.detach().float()
-        deltas.append((eps * scale).to(w.dtype))
-    return deltas
+        eps_w = eps[offset : offset + w.numel()].view(w.shape)
+        offset += w.numel()
+        directions.append((eps_w * noise_scale(w, noise)).to(w.dtype))
+    return directions
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
+    """Copy every parameter and buffer of ``model``; write them back bit for bit on exit.
+
+    The copies are restored also when the body raises (including ``KeyboardInterrupt``).
+
+    Args:
+        model: the network whose state the body may change in place.
+    """
+    tensors = list(model.parameters()) + list(model.buffers())
+    saved = [t.detach().clone() for t in tensors]
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for tensor, copy in zip(tensors, saved):
+                tensor.copy_(copy)
 
 
 @contextlib.contextmanager
@@ -89,10 +179,26 @@ def perturbed_weights(
 ) -> Iterator[nn.Module]:
     """Perturb ``model`` in place with one draw of weight noise; restore it bit for bit on exit.
 
-    The draw is a function of ``seed`` and the shapes of the selected tensors only (a local
-    generator on the model's device), so models of the same architecture get the same ε.
-    Parameters and buffers (BatchNorm statistics) are restored from saved copies also when the
-    body raises. Level 0 leaves the model exactly unchanged.
+    Inside the block each selected tensor holds w + level·s(w)·ε (see the module docstring). ε is
+    drawn from a local ``torch.Generator`` on the model's device seeded with ``seed``; it depends
+    only on the seed and the shapes of the selected tensors, so models of the same architecture get
+    the same ε (paired comparisons) and the global RNG is untouched. The clean parameters and all
+    buffers (BatchNorm running statistics, which the body may re-estimate) are copied before and
+    written back on exit, also when the body raises. At level 0 nothing is changed.
+
+    Args:
+        model: the network, perturbed in place.
+        noise: ``"relative"`` (default), ``"absolute"`` or ``"multiplicative"``.
+        level: η (relative, multiplicative) or σ (absolute), a finite number >= 0.
+        seed: seed of this draw.
+        include_bias: also perturb the biases of Linear and convolution layers.
+        include_norm: also perturb the affine parameters of normalization layers.
+
+    Yields:
+        The perturbed ``model``.
+
+    Raises:
+        ValueError: unknown noise model, bad level, or no tensor to perturb.
 
     Example:
         >>> model = nn.Linear(4, 2)
@@ -102,22 +208,12 @@ def perturbed_weights(
         >>> changed, torch.equal(model.weight, before)
         (True, True)
     """
-    check_noise(noise, level)
-    selected = noisy_parameters(model, include_bias, include_norm)
-    tensors = [p for _, p in selected]
-    saved_params = [p.detach().clone() for p in tensors]
-    buffers = [b for b in model.buffers()]
-    saved_buffers = [b.detach().clone() for b in buffers]
-    try:
+    level = check_noise(noise, level)
+    tensors = [p for _, p in noisy_parameters(model, include_bias, include_norm)]
+    with preserved_state(model):
         if level > 0:
             generator = torch.Generator(device=tensors[0].device).manual_seed(seed)
             with torch.no_grad():
-                for p, delta in zip(tensors, draw_perturbation(tensors, noise, level, generator)):
-                    p.add_(delta)
+                for p, direction in zip(tensors, draw_directions(tensors, noise, generator)):
+                    p.add_(direction, alpha=level)
         yield model
-    finally:
-        with torch.no_grad():
-            for p, saved in zip(tensors, saved_params):
-                p.copy_(saved)
-            for b, saved in zip(buffers, saved_buffers):
-                b.copy_(saved)

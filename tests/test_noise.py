@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from robusttrain.estimators import draw_noise
 from robusttrain.models import MLP, LeNet, ResNet20
-from robusttrain.noise import noisy_parameters, perturbed_weights
+from robusttrain.noise import draw_directions, noisy_parameters, perturbed_weights
 
 
 def snapshot(model):
@@ -25,8 +26,9 @@ def deltas(model, **kw):
         return clean, {n: (p.detach() - clean[n]) for n, p in model.named_parameters()}
 
 
-# For n iid N(0,1) draws the sample std has sd ≈ 1/sqrt(2n) and the sample mean sd 1/sqrt(n).
-# z = 5 makes a false alarm per check < 6e-7, negligible over the handful of checks below.
+# For n iid N(0,1) values the sample std has sd ≈ 1/sqrt(2n) and the sample mean sd 1/sqrt(n).
+# z = 5 makes a false alarm per check < 6e-7 (two-sided normal tail), negligible over the ~20
+# checks below; with the smallest tensor here (1,280 weights) that is |std − 1| < 0.099.
 Z = 5.0
 
 
@@ -49,7 +51,7 @@ def test_perturbation_has_the_statistics_of_its_model(noise):
             keep = w.abs() > 1e-3  # ε is undefined where w = 0
             eps = d[keep] / (level * w[keep])
         n = eps.numel()
-        # d is computed in float32 from w + δ − w: relative rounding ~1e-7/level, far below 1/sqrt(n)
+        # d is w + δ − w in float32: a relative error ~1e-7/(level·|ε|), far below 1/sqrt(n)
         assert abs(eps.std().item() - 1) < Z / math.sqrt(2 * n), name
         assert abs(eps.mean().item()) < Z / math.sqrt(n), name
 
@@ -62,30 +64,67 @@ def test_a_wrong_scale_would_be_detected():
     assert abs(eps.std().item() - 1) > Z / math.sqrt(2 * eps.numel())
 
 
+def test_noise_is_one_flat_draw_laid_out_tensor_after_tensor():
+    # the convention of robusttrain.estimators.draw_noise: ε = randn(P_total) from the seed
+    model = MLP(20, [8], 3)
+    tensors = [p for _, p in noisy_parameters(model)]
+    directions = draw_directions(tensors, "absolute", torch.Generator().manual_seed(11))
+    flat = draw_noise(tensors, torch.Generator().manual_seed(11))
+    assert torch.equal(torch.cat([d.flatten() for d in directions]), flat)
+
+
+def test_same_architecture_gets_the_same_epsilon():
+    torch.manual_seed(0)
+    a, b = MLP(30, [16], 4), MLP(30, [16], 4)  # different weights, same shapes
+    assert not torch.equal(a.net[1].weight, b.net[1].weight)
+
+    def eps(model, seed):
+        w = model.net[1].weight.detach().clone()
+        with perturbed_weights(model, level=0.2, seed=seed):
+            return (model.net[1].weight.detach() - w) / (0.2 * w.abs().max())
+
+    # equal up to the float32 rounding of w + δ − w (|w| <= 0.2, so ~2e-8 / (0.2·max|W|))
+    assert torch.allclose(eps(a, 4), eps(b, 4), atol=1e-5)
+    assert not torch.allclose(eps(a, 4), eps(a, 5), atol=1e-2)
+
+
 def test_bias_and_norm_only_when_asked():
     model = ResNet20(10, norm="batch", width=4)
     names = [n for n, _ in noisy_parameters(model)]
-    assert all(n.endswith("weight") for n in names)
-    assert not any("bn" in n or "norm" in n for n in names)
-    with_all = [n for n, _ in noisy_parameters(model, include_bias=True, include_norm=True)]
-    assert len(with_all) > len(names)
-    assert any(n.endswith("bias") for n in with_all)
+    assert names and all(n.endswith("weight") for n in names)
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+                for p in m.parameters()}
+    assert not any(id(p) in norm_ids for _, p in noisy_parameters(model))
+    with_all = noisy_parameters(model, include_bias=True, include_norm=True)
+    assert norm_ids <= {id(p) for _, p in with_all}
+
+    mlp = MLP(10, [6], 3)
+    _, delta = deltas(mlp, level=0.1, seed=0, include_bias=True)
+    assert torch.count_nonzero(delta["net.1.bias"]) == 6
+
+
+def test_a_shared_parameter_is_perturbed_once():
+    first, second = nn.Linear(5, 5), nn.Linear(5, 5)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.ReLU(), second)
+    assert [n for n, _ in noisy_parameters(model)] == ["0.weight"]
 
 
 def test_clean_weights_come_back_bit_for_bit_also_after_an_exception():
     model = LeNet(1, 10)
     saved = snapshot(model)
-    with pytest.raises(RuntimeError, match="boom"):
-        with perturbed_weights(model, level=0.3, seed=1):
-            assert not torch.equal(model.net[0].weight, saved["net.0.weight"])
-            raise RuntimeError("boom")
-    assert_same(model, saved)
+    for error in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            with perturbed_weights(model, level=0.3, seed=1):
+                assert not torch.equal(model.net[0].weight, saved["net.0.weight"])
+                raise error
+        assert_same(model, saved)
 
 
 def test_batchnorm_buffers_restored():
     model = ResNet20(10, norm="batch", width=4).train()
     saved = snapshot(model)
-    with perturbed_weights(model, level=0.1, seed=1):
+    with perturbed_weights(model, level=0.1, seed=1, include_norm=True):
         model(torch.randn(4, 3, 32, 32))  # updates running statistics
     assert_same(model, saved)
 
@@ -102,12 +141,22 @@ def test_level_zero_changes_nothing_and_same_seed_same_draw():
     assert not torch.equal(a["net.1.weight"], c["net.1.weight"])
 
 
+def test_global_rng_is_untouched():
+    model = MLP(20, [8], 3)
+    state = torch.get_rng_state()
+    with perturbed_weights(model, level=0.1, seed=2):
+        pass
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(noise="gaussian", level=0.1), "unknown noise model"),
+        (dict(noise="gaussian", level=0.1), "unknown noise model 'gaussian'; choose one of relative"),
         (dict(level=-0.1), ">= 0"),
         (dict(level=float("nan")), ">= 0"),
+        (dict(level=float("inf")), ">= 0"),
+        (dict(level="0.1"), ">= 0"),
     ],
 )
 def test_bad_settings_are_clear_errors(kwargs, message):
