@@ -13,13 +13,17 @@ interpreter and torch, about 300 MB; compare the rows with the forward-only row)
 installed (`pip install 'robusttrain[evotorch]'`), it times one PGPE step with symmetric sampling
 (population 2N) on the same network and batch in the same run.
 
-Inputs are random tensors of the real shapes (timing does not depend on pixel values).
+Inputs are the first 256 Fashion-MNIST test images (read from FASHION_DIR with a tiny IDX reader),
+or, with --random, random tensors of the same shape (timing does not depend on pixel values).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +37,7 @@ from robusttrain.models import MLP, LeNet
 from robusttrain.population import population_smoothed_grad, supports_population
 
 BATCH = 256
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def build(name: str) -> torch.nn.Module:
@@ -40,12 +45,26 @@ def build(name: str) -> torch.nn.Module:
     return MLP(784, [128], 10) if name == "mlp" else LeNet(1, 10)
 
 
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+def read_idx(path: str, count: int, header: int) -> torch.Tensor:
+    """The first ``count`` records of a gzipped IDX file (images: 16-byte header, labels: 8)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    record = 28 * 28 if header == 16 else 1
+    return torch.frombuffer(bytearray(data[header : header + count * record]), dtype=torch.uint8)
 
 
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
+def batch(random: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    if random:
+        g = torch.Generator().manual_seed(0)
+        return (torch.randn(BATCH, 1, 28, 28, generator=g),
+                torch.randint(0, 10, (BATCH,), generator=g))
+    images = read_idx(os.path.join(FASHION_DIR, "t10k-images-idx3-ubyte.gz"), BATCH, 16)
+    labels = read_idx(os.path.join(FASHION_DIR, "t10k-labels-idx1-ubyte.gz"), BATCH, 8)
+    x = (images.float().view(BATCH, 1, 28, 28) / 255.0 - 0.2860) / 0.3530
+    return x, labels.long()
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -56,9 +75,9 @@ def median_time(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def run_case(model_name: str, path: str, pairs: int, repeats: int) -> float:
+def run_case(model_name: str, path: str, pairs: int, repeats: int, random: bool = False) -> float:
     model = build(model_name).eval()
-    x, y = batch()
+    x, y = batch(random)
     params = list(model.parameters())
     seed = iter(range(10**9))
     if path == "forward":
@@ -95,12 +114,12 @@ def evotorch_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pair
     return searcher.step
 
 
-def peak_memory_mb(model_name: str, path: str, pairs: int) -> float:
+def peak_memory_mb(model_name: str, path: str, pairs: int, random: bool) -> float:
     """VmHWM of a fresh process that runs the case a few times."""
     code = (
         "import sys; sys.path.insert(0, 'experiments');"
         "import bench_estimator as b;"
-        f"b.run_case({model_name!r}, {path!r}, {pairs}, 3);"
+        f"b.run_case({model_name!r}, {path!r}, {pairs}, 3, {random});"
         "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -109,13 +128,18 @@ def peak_memory_mb(model_name: str, path: str, pairs: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats, N = 16 only")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 repeats, N = 16 only, no EvoTorch or memory figures")
+    parser.add_argument("--random", action="store_true",
+                        help="random inputs of the same shape instead of Fashion-MNIST")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    repeats = 3 if args.quick else 15
+    repeats = 2 if args.quick else 15
     pair_counts = [16] if args.quick else [16, 64]
     try:
         import evotorch  # noqa: F401
+
+        logging.getLogger("evotorch").setLevel(logging.WARNING)
 
         have_evotorch = True
     except ImportError:
@@ -127,16 +151,16 @@ def main() -> None:
     results = []
     for model_name in ["mlp", "cnn"]:
         for pairs in pair_counts:
-            forward = run_case(model_name, "forward", pairs, repeats)
-            evo = run_case(model_name, "evotorch", pairs, max(3, repeats // 3)) \
-                if have_evotorch else None
+            forward = run_case(model_name, "forward", pairs, repeats, args.random)
+            evo = run_case(model_name, "evotorch", pairs, max(1, repeats // 3), args.random) \
+                if have_evotorch and not args.quick else None
             paths = ["loop"] + (["batched"] if supports_population(build(model_name)) else [])
-            rows = [("forward", forward)] + [(p, run_case(model_name, p, pairs, repeats))
-                                              for p in paths]
+            rows = [("forward", forward)] + [
+                (p, run_case(model_name, p, pairs, repeats, args.random)) for p in paths]
             if evo is not None:
                 rows.append(("evotorch", evo))
             for path, seconds in rows:
-                mem = None if args.quick else peak_memory_mb(model_name, path, pairs)
+                mem = None if args.quick else peak_memory_mb(model_name, path, pairs, args.random)
                 ratio_evo = f"{evo / seconds:16.1f}" if evo and path in paths else " " * 16
                 print(f"{model_name:6} {pairs:3d} {path:9} {1000 * seconds:10.1f} "
                       f"{seconds / forward:12.2f} {'' if mem is None else f'{mem:8.0f}'} "
@@ -146,8 +170,11 @@ def main() -> None:
                                 "peak_mb": mem,
                                 "evotorch_over_this": (evo / seconds) if evo else None})
     if args.json:
-        with open(args.json, "w") as f:
+        # atomic: a temporary file in the same directory, then os.replace
+        tmp = f"{args.json}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(results, f, indent=2)
+        os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":
