@@ -15,8 +15,8 @@ rounding.
 Measured with ``experiments/bench_estimator.py`` on a quiet 2-core CPU (Fashion-MNIST MLP
 784-128-10, batch 256), as a multiple of the time of 2N plain forward passes: N = 16, batched 1.20×
 against 1.94× for the in-place loop; N = 64, 1.39× against 1.99× (drawing the Gaussian noise alone
-costs about a third of that budget). Convolutional networks are not batched (the loop already runs LeNet at
-1.19×, N = 16), and normalized networks need the loop anyway.
+costs about a third of that budget). Convolutional networks are not batched (the loop already runs
+LeNet at 1.19×, N = 16), and normalized networks need the loop anyway.
 """
 
 from __future__ import annotations
