@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+
+from robusttrain.files import write_atomic
 
 __all__ = ["CompareConfig", "MethodSpec", "load_config", "run_comparison", "main"]
 
@@ -183,18 +184,6 @@ def _run_dir(out: Path, method: MethodSpec, sigma: float | None, seed: int) -> P
     return out / "runs" / sub / f"seed{seed}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fit_args(
     cfg: CompareConfig, method: MethodSpec, sigma: float | None, seed: int, run_dir: Path
 ) -> dict[str, Any]:
@@ -260,14 +249,14 @@ def train_run(
     start = time.perf_counter()
     ckpt_path = args.pop("ckpt_path", None)
     config_path = run_dir / "fit_config.yaml"
-    _write_atomic(config_path, yaml.safe_dump(args, sort_keys=False))
+    write_atomic(config_path, yaml.safe_dump(args, sort_keys=False))
     try:
         cli = make_cli(["--config", str(config_path)], run=False)
         trainer, model = cli.trainer, cli.model
         trainer.fit(model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     finally:
         elapsed = earlier + time.perf_counter() - start
-        _write_atomic(progress_path, json.dumps({"seconds": elapsed}))
+        write_atomic(progress_path, json.dumps({"seconds": elapsed}))
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise RuntimeError(f"training {_label(method, sigma)} seed {seed} wrote no {last}")
@@ -285,7 +274,7 @@ def train_run(
         "forward_equivalents": int(forwards),
         "checkpoint": str(last.relative_to(out)),
     }
-    _write_atomic(result_path, json.dumps(result, indent=2))
+    write_atomic(result_path, json.dumps(result, indent=2))
     return result
 
 
@@ -345,10 +334,10 @@ def run_comparison(
     rows = _read_rows(out / "robustness.csv")
     levels = rob["levels"]
     entries = summarize_runs(results, rows, levels)
-    _write_atomic(out / "comparison.json", json.dumps(entries, indent=2))
+    write_atomic(out / "comparison.json", json.dumps(entries, indent=2))
     command = command or f"robusttrain compare --config <{cfg.name}.yaml>"
     report = _render_report(cfg, entries, rob, time.perf_counter() - started, command)
-    _write_atomic(out / "report.md", report)
+    write_atomic(out / "report.md", report)
     _plot_frontier(entries, levels, out / "frontier.png")
     return out / "report.md"
 
@@ -546,17 +535,10 @@ def _plot_frontier(entries: list[dict[str, Any]], levels: list[float], path: Pat
         ax.set_title(f"robustness frontier, η = {lvl:g}")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from robusttrain.files import write_atomic
+
 __all__ = [
     "DATASETS",
     "DatasetError",
@@ -525,18 +527,6 @@ def load_arrays(dataset: str, data_dir: str | Path | None = None) -> dict[str, n
 
 
 # ----- downloading -----------------------------------------------------------------------------
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _urlopen(url: str) -> Any:
     return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S)
 
@@ -617,7 +607,7 @@ def download(
                 for member in tar.getmembers():
                     name = member.name.rsplit("/", 1)[-1]
                     if member.isfile() and name in wanted:
-                        _write_atomic(target / name, tar.extractfile(member).read())
+                        write_atomic(target / name, tar.extractfile(member).read())
         except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
             raise DatasetError(f"{archive}: unreadable archive ({err}); delete it and retry") from None
         absent = sorted(n for n in wanted if not (target / n).is_file())

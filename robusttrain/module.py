@@ -226,7 +226,7 @@ class ZerothOrderClassifier(Classifier):
         fitness_shaping: use centered ranks instead of raw losses (biased for ∇L_σ; off by default).
         seed: base seed of the perturbations.
         population: evaluate all perturbed copies in one batched pass (exact, faster for
-            MLP/CNN backbones); ``None`` chooses automatically.
+            MLP backbones); ``None`` chooses automatically.
         skip_nonfinite: when a perturbed loss is NaN/inf, skip the step (and count it in
             ``zo/skipped_steps``) instead of stopping the run.
     """

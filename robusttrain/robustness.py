@@ -34,9 +34,7 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +47,7 @@ from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from robusttrain.estimators import pair_seed
+from robusttrain.files import write_atomic
 from robusttrain.noise import (
     NOISE_MODELS,
     check_noise,
@@ -599,20 +598,6 @@ def _summarize(
 
 
 # ----- report -------------------------------------------------------------------------------------
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -646,10 +631,10 @@ def write_report(result: RobustnessResult, out_dir: str | Path) -> dict[str, Pat
     writer.writeheader()
     for row in result.rows:
         writer.writerow({k: row[k] for k in CSV_FIELDS})
-    _write_atomic(paths["csv"], buf.getvalue().encode())
+    write_atomic(paths["csv"], buf.getvalue().encode())
     summary = _json_safe({"settings": result.settings, "models": result.summaries})
     text = json.dumps(summary, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
-    _write_atomic(paths["json"], text.encode())
+    write_atomic(paths["json"], text.encode())
     plot_robustness(result.summaries, paths["png"])
     return paths
 
@@ -722,7 +707,7 @@ def plot_robustness(
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    _write_atomic(Path(path), buf.getvalue())
+    write_atomic(Path(path), buf.getvalue())
 
 
 def _fmt_level(value: float | None) -> str:
