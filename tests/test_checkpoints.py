@@ -1,0 +1,63 @@
+"""Checkpoints written by earlier versions of robusttrain still load.
+
+``fixtures/checkpoint_v0_1.ckpt`` (6 KB) was written by robusttrain 0.1.0, when the
+LightningModules lived in ``robusttrain.module``, by two zeroth-order steps on random data::
+
+    class TinyData(ImageDataModule):  # ImageDataModule's hyperparameters, 16 random 4-d points
+        def setup(self, stage=None):
+            g = torch.Generator().manual_seed(0)
+            self.train_x = torch.randn(16, 4, generator=g)
+            self.train_y = (self.train_x[:, 0] > 0).long()
+            self.val_x, self.val_y = self.train_x[:0], self.train_y[:0]
+            self.test_x, self.test_y = self.train_x, self.train_y
+            self._ready = True
+
+    seed_everything(0)
+    model = ZerothOrderClassifier(MLP(in_features=4, hidden=[3], num_classes=2), sigma=0.01,
+                                  num_pairs=2, seed=0)
+    data = TinyData(dataset="fashion_mnist", batch_size=8, val_size=0)
+    trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, datamodule=data)
+    trainer.save_checkpoint("checkpoint_v0_1.ckpt")
+
+so it holds what a ``robusttrain fit`` checkpoint holds: the ``robusttrain`` entry (format,
+method, backbone class path and arguments), the ``state_dict`` and the
+``datamodule_hyper_parameters``. The expected logits below were printed by 0.1.0's
+``load_checkpoint(...).backbone`` on the inputs ``X``.
+"""
+
+from pathlib import Path
+
+import torch
+
+from robusttrain.module import load_checkpoint
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v0_1.ckpt"
+
+X = torch.tensor([[-1.5, -0.75, -0.65, -1.6], [-0.1, -0.6, -1.0, -1.6],
+                  [-0.7, 0.3, -0.8, -0.25], [-0.2, 1.7, 0.2, 0.5]])
+LOGITS_V0_1 = torch.tensor([[0.4744114279747009, -0.1736978143453598],
+                            [0.4793950915336609, -0.23335449397563934],
+                            [0.47188496589660645, -0.12565167248249054],
+                            [0.4912247657775879, -0.14626087248325348]])
+
+
+def test_checkpoint_of_version_0_1_loads_with_its_weights_and_outputs():
+    loaded = load_checkpoint(FIXTURE)
+    assert loaded.meta["format"] == 1 and loaded.meta["method"] == "zeroth_order"
+    assert loaded.meta["backbone"] == {
+        "class_path": "robusttrain.models.MLP",
+        "init_args": {"in_features": 4, "hidden": [3], "num_classes": 2, "dropout": 0.0},
+    }
+    assert loaded.meta["sigma"] == 0.01 and loaded.meta["num_pairs"] == 2
+    assert loaded.data["dataset"] == "fashion_mnist" and loaded.data["batch_size"] == 8
+    assert not loaded.backbone.training
+    saved = torch.load(FIXTURE, map_location="cpu", weights_only=True)["state_dict"]
+    state = loaded.backbone.state_dict()
+    assert {f"backbone.{k}" for k in state} == set(saved)
+    for name, value in state.items():
+        assert torch.equal(value, saved[f"backbone.{name}"]), name
+    with torch.no_grad():
+        logits = loaded.backbone(X)
+    assert torch.allclose(logits, LOGITS_V0_1, rtol=0, atol=1e-6)
