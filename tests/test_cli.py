@@ -82,5 +82,5 @@ def test_bad_config_value_is_a_clear_error(tmp_path, monkeypatch, capsys):
 def test_environment_does_not_leak_shared_paths():
     # the package must not know where the test data lives
     package = Path(__file__).resolve().parents[1] / "robusttrain"
-    for source in package.glob("*.py"):
+    for source in package.rglob("*.py"):
         assert "shared/data" not in source.read_text(), source
