@@ -23,13 +23,13 @@ from robusttrain.data import (
     FashionMNISTDataModule,
     ImageDataModule,
     MNISTDataModule,
+    datamodules,
     download,
     load_arrays,
     random_crop_flip,
     read_cifar_bin,
     read_cifar_python,
     read_idx,
-    sources,
 )
 
 IDX_STEMS = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -427,7 +427,7 @@ def test_setup_reads_the_files_once(tmp_path, monkeypatch):
     dm = small_module(tmp_path)
     calls = []
     real = data.load_arrays
-    monkeypatch.setattr(sources, "load_arrays", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(datamodules, "load_arrays", lambda *a: calls.append(a) or real(*a))
     dm.setup("fit")
     dm.setup("test")
     assert len(calls) == 1

@@ -1,27 +1,31 @@
-"""The datasets: their files, where to find or download them, and the LightningDataModules.
+"""The datasets, from files on disk to batches: MNIST, Fashion-MNIST and CIFAR-10.
 
-* :mod:`robusttrain.data.sources` — the dataset table, finding files, checksums and downloads.
+* :mod:`robusttrain.data.formats` — readers of the genuine file formats (IDX, CIFAR-10 binary and
+  python versions) and :class:`DatasetError`.
+* :mod:`robusttrain.data.sources` — the dataset table (files, mirrors, md5 sums, normalization
+  constants), finding the files in ``data_dir`` or Debian's folder, checksums and downloads.
+* :mod:`robusttrain.data.datamodules` — the in-memory tensors, sampler, augmentation and
+  LightningDataModules (``robusttrain.data.FashionMNISTDataModule`` in configs).
 """
 
-from robusttrain.data.sources import (
-    DATASETS,
-    DEBIAN_FASHION_DIR,
+from robusttrain.data.datamodules import (
     CIFAR10DataModule,
-    DatasetError,
-    DatasetSpec,
     EpochShuffleSampler,
     FashionMNISTDataModule,
     ImageDataModule,
     MNISTDataModule,
     TensorBatches,
+    pass_batch,
+    random_crop_flip,
+)
+from robusttrain.data.formats import DatasetError, read_cifar_bin, read_cifar_python, read_idx
+from robusttrain.data.sources import (
+    DATASETS,
+    DEBIAN_FASHION_DIR,
+    DatasetSpec,
     default_data_dir,
     download,
     load_arrays,
-    pass_batch,
-    random_crop_flip,
-    read_cifar_bin,
-    read_cifar_python,
-    read_idx,
 )
 
 __all__ = [

@@ -1,14 +1,4 @@
-"""Dataset files and LightningDataModules for MNIST, Fashion-MNIST and CIFAR-10.
-
-The genuine on-disk formats are read directly (no torchvision):
-
-* IDX, gzipped or not (MNIST, Fashion-MNIST): a 4-byte magic (two zero bytes, the dtype code 0x08
-  for unsigned bytes, the number of dimensions: 0x00000801 for labels, 0x00000803 for images), one
-  big-endian uint32 per dimension, then the data.
-* CIFAR-10 "binary version" (``cifar-10-batches-bin/*.bin``): records of 1 label byte and
-  3072 pixel bytes (1024 red, 1024 green, 1024 blue, row-major 32×32).
-* CIFAR-10 "python version" (``cifar-10-batches-py/``): pickled dicts, read with a restricted
-  unpickler that only rebuilds numpy arrays and plain containers, so a file cannot run code.
+"""Where the dataset files are: the dataset table, finding files, checksums and downloads.
 
 Files are looked for in ``data_dir`` (default ``$ROBUSTTRAIN_DATA_DIR`` or ``./data``), flat or in
 torchvision's layout (``MNIST/raw/``, ``FashionMNIST/raw/``, ``cifar-10-batches-bin/``,
@@ -16,61 +6,49 @@ torchvision's layout (``MNIST/raw/``, ``FashionMNIST/raw/``, ``cifar-10-batches-
 ``/usr/share/datasets/fashion-mnist/`` (package ``dataset-fashion-mnist``). ``download=True``
 fetches the official files and checks their published md5 sums, writing each atomically.
 
-Local files are checked by structure (magic, shape, record size, label range). A file as large as
-an official MNIST or CIFAR-10 binary file must also have the official content (md5 below): MNIST
-and Fashion-MNIST share their file names, and this catches one put in the other's place as well as
-flipped bytes that the structure checks cannot see.
+Local files are checked by structure (magic, shape, record size, label range; see
+:mod:`robusttrain.data.formats`). A file as large as an official MNIST or CIFAR-10 binary file must
+also have the official content (md5 below): MNIST and Fashion-MNIST share their file names, and this
+catches one put in the other's place as well as flipped bytes that the structure checks cannot see.
 """
-
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.client
-import io
 import os
-import pickle
 import tarfile
 import tempfile
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
 
+from robusttrain.data.formats import (
+    DatasetError,
+    check_labels,
+    parse_cifar_bin,
+    parse_idx,
+    read_bytes,
+    read_cifar_python,
+)
 from robusttrain.files import write_atomic
 
 __all__ = [
     "DATASETS",
-    "DatasetError",
+    "DEBIAN_FASHION_DIR",
     "DatasetSpec",
-    "ImageDataModule",
-    "MNISTDataModule",
-    "FashionMNISTDataModule",
-    "CIFAR10DataModule",
-    "TensorBatches",
-    "EpochShuffleSampler",
+    "dataset_spec",
     "default_data_dir",
     "download",
     "load_arrays",
-    "random_crop_flip",
-    "read_cifar_bin",
-    "read_cifar_python",
-    "read_idx",
 ]
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_TIMEOUT_S = 60.0
-
-
-class DatasetError(ValueError):
-    """A dataset file that is missing or unusable; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -202,11 +180,10 @@ DATASETS: dict[str, DatasetSpec] = {
 _CIFAR_BIN = [f"data_batch_{i}.bin" for i in range(1, 6)], "test_batch.bin"
 _CIFAR_PY = [f"data_batch_{i}" for i in range(1, 6)], "test_batch"
 _CIFAR_ARCHIVE = "cifar-10-binary.tar.gz"
-_CIFAR_RECORD = 1 + 3 * 32 * 32
-_IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}
 
 
-def _spec(dataset: str) -> DatasetSpec:
+def dataset_spec(dataset: str) -> DatasetSpec:
+    """The :class:`DatasetSpec` of ``dataset``; a ValueError lists the known ones."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[dataset]
@@ -214,23 +191,6 @@ def _spec(dataset: str) -> DatasetSpec:
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-
-# ----- readers ---------------------------------------------------------------------------------
-def _read_bytes(path: Path) -> bytes:
-    """The file's content, gunzipped when it is gzip (by its magic, not its name)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DatasetError(f"cannot read {path}: {err.strerror or err}") from None
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as err:
-        raise DatasetError(
-            f"{path} is a truncated or corrupt gzip file ({err}); delete it and get it again"
-        ) from None
 
 
 def _check_official_content(path: Path, data: bytes, dataset: str, key: str) -> None:
@@ -253,172 +213,6 @@ def _check_official_content(path: Path, data: bytes, dataset: str, key: str) -> 
                 f"{path} is the official {other.title} file, not {own.title}; point data_dir "
                 f"at the {own.title} files ({own.get_hint})"
             )
-
-
-def _parse_idx(path: Path, data: bytes, ndim: int | None) -> np.ndarray:
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DatasetError(
-            f"{path} is not an IDX file (bad magic 0x{data[:4].hex()}, expected 0x00000801 for "
-            "labels or 0x00000803 for images); get the file again"
-        )
-    if data[2] != 0x08:
-        raise DatasetError(
-            f"{path}: IDX dtype code 0x{data[2]:02x}, expected 0x08 (unsigned byte); "
-            "this is not an MNIST-style file"
-        )
-    dims = data[3]
-    if ndim is not None and dims != ndim:
-        raise DatasetError(
-            f"{path}: IDX magic 0x{int.from_bytes(data[:4], 'big'):08x} ({dims} dimensions), "
-            f"expected 0x{_IDX_MAGIC.get(ndim, 0x800 + ndim):08x} ({ndim} dimensions); "
-            "the image and label files may be swapped"
-        )
-    header = 4 + 4 * dims
-    if len(data) < header:
-        raise DatasetError(f"{path}: truncated IDX header; the file is corrupt, get it again")
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
-    expected = header + int(np.prod(shape, dtype=np.int64))
-    if len(data) != expected:
-        raise DatasetError(
-            f"{path}: IDX header declares shape {shape} ({expected} bytes) but the file holds "
-            f"{len(data)} bytes; the file is truncated or corrupt, get it again"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
-
-
-def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
-    """Read an IDX file of unsigned bytes (gzipped or not) into a read-only uint8 array.
-
-    Args:
-        path: the file.
-        ndim: the number of dimensions expected (1 for labels, magic 0x00000801; 3 for images,
-            magic 0x00000803), or None to accept any.
-
-    Returns:
-        The array, of the shape the header declares.
-
-    Raises:
-        DatasetError: unreadable or corrupt gzip, wrong magic, dtype or number of dimensions, or a
-            length that does not match the header.
-    """
-    path = Path(path)
-    return _parse_idx(path, _read_bytes(path), ndim)
-
-
-def _check_labels(labels: np.ndarray, path: Path, num_classes: int = 10) -> None:
-    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
-        raise DatasetError(
-            f"{path}: label {bad} out of range 0..{num_classes - 1}; "
-            "the file is corrupt or not a label file, get it again"
-        )
-
-
-def _parse_cifar_bin(path: Path, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    if len(data) == 0 or len(data) % _CIFAR_RECORD:
-        raise DatasetError(
-            f"{path}: {len(data)} bytes is not a whole number of {_CIFAR_RECORD}-byte CIFAR-10 "
-            "records; the file is truncated or corrupt, get it again"
-        )
-    records = np.frombuffer(data, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
-    labels = records[:, 0].copy()
-    _check_labels(labels, path)
-    return records[:, 1:].reshape(-1, 3, 32, 32).copy(), labels
-
-
-def read_cifar_bin(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read one CIFAR-10 binary batch (records of 1 label byte + 3072 pixel bytes, CHW order).
-
-    Args:
-        path: a ``data_batch_<k>.bin`` or ``test_batch.bin`` file (gzipped or not).
-
-    Returns:
-        images (N, 3, 32, 32) uint8 and labels (N,) uint8.
-
-    Raises:
-        DatasetError: the size is not a positive multiple of 3073 bytes, or a label is not 0..9.
-    """
-    path = Path(path)
-    return _parse_cifar_bin(path, _read_bytes(path))
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    """A pickle asked for a global outside the allowed set."""
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds numpy arrays and plain containers only; any other global is refused.
-
-    Dicts, lists, tuples, strings and numbers need no globals at all; numpy arrays need the array
-    reconstructor (``_frombuffer`` at protocol 5), ``ndarray`` and ``dtype``; bytes pickled by
-    Python 3 at protocol < 3 need ``_codecs.encode``. None of these can run code of the file's
-    choosing.
-    """
-
-    ALLOWED = frozenset({
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("builtins", "list"),
-        ("builtins", "dict"),
-        ("builtins", "tuple"),
-        ("builtins", "bytes"),
-        ("builtins", "bytearray"),
-        ("_codecs", "encode"),
-    })
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise _RefusedGlobal(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-def read_cifar_python(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read one pickled CIFAR-10 batch (python version) without letting the file run code.
-
-    Args:
-        path: a ``data_batch_<k>`` or ``test_batch`` file of ``cifar-10-batches-py/``.
-
-    Returns:
-        images (N, 3, 32, 32) uint8 and labels (N,) uint8.
-
-    Raises:
-        DatasetError: the pickle asks for anything but numpy arrays and plain containers, is
-            corrupt, or lacks ``b"data"`` (N, 3072) / ``b"labels"`` (N values in 0..9).
-    """
-    path = Path(path)
-    data = _read_bytes(path)
-    try:
-        batch = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except _RefusedGlobal as err:
-        raise DatasetError(
-            f"{path}: not a genuine CIFAR-10 python batch ({err}); delete it and get the "
-            "official files again"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - any failure to parse is a corrupt file
-        raise DatasetError(
-            f"{path}: corrupt pickle ({type(err).__name__}: {err}); get the file again"
-        ) from None
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise DatasetError(f"{path}: not a CIFAR-10 python batch (no b'data'/b'labels' entries)")
-    images = np.asarray(batch[b"data"])
-    try:
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (TypeError, ValueError):
-        raise DatasetError(f"{path}: b'labels' is not a list of integers") from None
-    if (images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072
-            or labels.ndim != 1 or len(labels) != len(images)):
-        raise DatasetError(
-            f"{path}: data of shape {images.shape} ({images.dtype}) with {labels.size} labels, "
-            "expected uint8 (N, 3072) and N labels; the file is corrupt, get it again"
-        )
-    _check_labels(labels, path)
-    return images.reshape(-1, 3, 32, 32), labels.astype(np.uint8)
 
 
 # ----- finding files ---------------------------------------------------------------------------
@@ -469,15 +263,15 @@ def _find_cifar(spec: DatasetSpec, data_dir: Path) -> tuple[str, list[Path], Pat
 def _load_cifar_file(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray]:
     if kind == "py":
         return read_cifar_python(path)
-    data = _read_bytes(path)
+    data = read_bytes(path)
     _check_official_content(path, data, "cifar10", path.name)
-    return _parse_cifar_bin(path, data)
+    return parse_cifar_bin(path, data)
 
 
 def _load_idx_file(path: Path, stem: str, ndim: int, dataset: str) -> np.ndarray:
-    data = _read_bytes(path)
+    data = read_bytes(path)
     _check_official_content(path, data, dataset, stem)
-    return _parse_idx(path, data, ndim)
+    return parse_idx(path, data, ndim)
 
 
 def load_arrays(dataset: str, data_dir: str | Path | None = None) -> dict[str, np.ndarray]:
@@ -494,7 +288,7 @@ def load_arrays(dataset: str, data_dir: str | Path | None = None) -> dict[str, n
         DatasetError: files missing (the message lists every folder searched and how to get them)
             or unusable (the message names the file).
     """
-    spec = _spec(dataset)
+    spec = dataset_spec(dataset)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     if dataset == "cifar10":
         kind, train_paths, test_path = _find_cifar(spec, data_dir)
@@ -512,7 +306,7 @@ def load_arrays(dataset: str, data_dir: str | Path | None = None) -> dict[str, n
         image_path, label_path = paths[f"{split}_images"], paths[f"{split}_labels"]
         images = _load_idx_file(image_path, spec.files[f"{split}_images"], 3, dataset)
         labels = _load_idx_file(label_path, spec.files[f"{split}_labels"], 1, dataset)
-        _check_labels(labels, label_path)
+        check_labels(labels, label_path)
         if images.shape[1:] != (28, 28):
             raise DatasetError(f"{image_path}: images of shape {images.shape[1:]}, expected "
                                "28x28; this is not an MNIST-style image file")
@@ -589,7 +383,7 @@ def download(
     Raises:
         DatasetError: no mirror served the file with the published md5.
     """
-    spec = _spec(dataset)
+    spec = dataset_spec(dataset)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     opener = opener or _urlopen
     if dataset == "cifar10":
@@ -625,309 +419,3 @@ def download(
             _fetch(stem + ".gz", spec, target / (stem + ".gz"), opener)
     return target
 
-
-# ----- datasets and loaders --------------------------------------------------------------------
-class TensorBatches(Dataset):
-    """In-memory ``(x, y)`` tensors whose loader gathers a whole batch with one indexing op.
-
-    ``DataLoader`` calls ``__getitems__`` with a batch's indices (from any sampler, Lightning's
-    ``DistributedSampler`` included); with :func:`pass_batch` as ``collate_fn`` the batch is used
-    as is, with no per-sample Python work.
-
-    Args:
-        x: inputs, first dimension the sample.
-        y: targets, same length as ``x``.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if len(x) != len(y):
-            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[index], self.y[index]
-
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return self.x[index], self.y[index]
-
-
-def pass_batch(batch: Any) -> Any:
-    """``collate_fn`` for :class:`TensorBatches`: the batch is already collated."""
-    return batch
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A random permutation of ``range(size)`` that is a function of (seed, epoch) only.
-
-    Lightning calls ``set_epoch`` at the start of every epoch (also through the
-    ``DistributedSamplerWrapper`` it inserts under DDP), so a run resumed from a checkpoint sees
-    the same batches as the uninterrupted run, and the global RNG is neither used nor reseeded.
-
-    Args:
-        size: number of samples.
-        seed: base seed; epoch ``e`` uses a local generator seeded with ``seed * 1_000_003 + e``.
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-
-def random_crop_flip(
-    x: torch.Tensor,
-    padding: int = 4,
-    fill: float | Sequence[float] = 0.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Random crop with padding and random horizontal flip, drawn per image, for a whole batch.
-
-    Output image ``i`` is ``P_i[:, dy_i : dy_i + H, dx_i : dx_i + W]``, mirrored left-right with
-    probability 1/2, where ``P_i`` is image ``i`` padded by ``padding`` pixels of value ``fill``
-    on every side and ``dy_i, dx_i`` are uniform on ``0..2*padding``. One gather, no Python loop
-    over images; runs on ``x``'s device.
-
-    Args:
-        x: images (N, C, H, W).
-        padding: pixels of padding on each side.
-        fill: padding value, one for all channels or one per channel.
-        generator: CPU generator for the offsets and flips; None uses the global RNG (the one
-            ``seed_everything`` seeds).
-
-    Returns:
-        A new tensor of the shape of ``x``.
-    """
-    n, c, h, w = x.shape
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
-    fill_values = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(-1)
-    if fill_values.numel() not in (1, c):
-        raise ValueError(f"fill has {fill_values.numel()} values for {c} channels")
-    padded = fill_values.view(1, -1, 1, 1).expand(n, c, h + 2 * padding, w + 2 * padding).clone()
-    padded[:, :, padding : padding + h, padding : padding + w] = x
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-    cols = torch.arange(w, device=x.device).expand(n, w)
-    cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx[:, None]  # mirrored reads
-    rows = torch.arange(h, device=x.device)[None, :] + dy[:, None]
-    # flat index into each padded plane, shared by the channels: (N, H * W)
-    index = (rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]).view(n, 1, h * w)
-    out = padded.view(n, c, -1).gather(2, index.expand(n, c, h * w))
-    return out.view(n, c, h, w)
-
-
-class ImageDataModule(LightningDataModule):
-    """A whole image-classification dataset in memory as normalized float32 tensors.
-
-    Pixels are scaled to [0, 1] and normalized per channel, ``x = (pixel / 255 - mean) / std``,
-    with the dataset's training-set constants (see :data:`DATASETS`). The validation split is
-    carved from the official training set with a permutation drawn from a local generator seeded
-    with ``split_seed``; the test split is the official test set. After :meth:`setup` the tensors
-    are ``train_x, train_y, val_x, val_y, test_x, test_y`` (x: (N, C, H, W) float32, y: int64).
-
-    Training batches are shuffled by :class:`EpochShuffleSampler`; evaluation loaders keep the
-    order. With augmentation on, training batches get :func:`random_crop_flip` (4-pixel padding
-    with black, i.e. ``-mean/std`` after normalization, as torchvision's ``RandomCrop`` before
-    ``Normalize``) in ``on_after_batch_transfer``, on the device, while the trainer is training.
-
-    Args:
-        dataset: ``"mnist"``, ``"fashion_mnist"`` or ``"cifar10"``.
-        data_dir: where the files are (see the module docstring); default
-            ``$ROBUSTTRAIN_DATA_DIR`` or ``./data``.
-        batch_size: training batch size.
-        eval_batch_size: batch size of the validation and test loaders.
-        val_size: images moved from the training set to the validation set. 0 means no
-            validation: ``val_x``/``val_y`` are empty and ``val_dataloader`` returns ``[]``, which
-            Lightning treats as "skip validation" (the test set is never used in its place).
-        split_seed: seed of the train/validation permutation and of the training shuffle.
-        download: fetch the official files (md5-checked) in ``prepare_data`` when not found.
-        augment: random crop with 4-pixel padding and horizontal flip on training batches;
-            ``None`` means on for CIFAR-10, off otherwise.
-        train_subset: keep only the first k images of the shuffled training part (all when k
-            exceeds it), for quick runs.
-        num_workers: DataLoader workers (the data is already in memory; 0 is usually fastest).
-    """
-
-    def __init__(
-        self,
-        dataset: Literal["mnist", "fashion_mnist", "cifar10"] = "fashion_mnist",
-        data_dir: str | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int = 1000,
-        val_size: int = 5000,
-        split_seed: int = 0,
-        download: bool = False,
-        augment: bool | None = None,
-        train_subset: int | None = None,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__()
-        spec = _spec(dataset)
-        for name, value, low in [("batch_size", batch_size, 1),
-                                 ("eval_batch_size", eval_batch_size, 1),
-                                 ("val_size", val_size, 0), ("split_seed", split_seed, 0),
-                                 ("num_workers", num_workers, 0)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if train_subset is not None and (isinstance(train_subset, bool)
-                                         or not isinstance(train_subset, int) or train_subset < 1):
-            raise ValueError(f"train_subset must be null or an integer >= 1, got {train_subset!r}")
-        if augment is not None and not isinstance(augment, bool):
-            raise ValueError(f"augment must be true, false or null, got {augment!r}")
-        if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
-            raise ValueError(f"data_dir must be a path or null, got {data_dir!r}")
-        # Saved explicitly (not from the caller's frame) so that subclasses record `dataset` too:
-        # a checkpoint's datamodule hyperparameters rebuild an ImageDataModule as they are.
-        self.save_hyperparameters(
-            {"dataset": dataset, "data_dir": None if data_dir is None else str(data_dir),
-             "batch_size": batch_size, "eval_batch_size": eval_batch_size, "val_size": val_size,
-             "split_seed": split_seed, "download": bool(download), "augment": augment,
-             "train_subset": train_subset, "num_workers": num_workers}
-        )
-        self.spec = spec
-        self.num_classes = len(spec.class_names)
-        self.input_shape = spec.input_shape
-        self.class_names = spec.class_names
-        self.augment = (dataset == "cifar10") if augment is None else augment
-        self._ready = False
-
-    def prepare_data(self) -> None:
-        """Download the files when ``download`` is set and they are not found."""
-        if self.hparams.download:
-            download(self.hparams.dataset, self.hparams.data_dir)
-
-    def _to_tensor(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> normalized float32, ``(pixel / 255 - mean) / std``."""
-        x = torch.from_numpy(np.ascontiguousarray(images).copy()).to(torch.float32).div_(255.0)
-        mean = torch.tensor(self.spec.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.spec.std).view(1, -1, 1, 1)
-        return x.sub_(mean).div_(std)
-
-    def setup(self, stage: str | None = None) -> None:
-        """Read the files and build the splits (once: later calls reuse the tensors)."""
-        if self._ready:
-            return
-        arrays = load_arrays(self.hparams.dataset, self.hparams.data_dir)
-        n_train = len(arrays["train_y"])
-        val_size = self.hparams.val_size
-        if val_size >= n_train:
-            raise ValueError(f"val_size={val_size} leaves no training images (the training set "
-                             f"has {n_train}); lower val_size")
-        generator = torch.Generator().manual_seed(self.hparams.split_seed)
-        perm = torch.randperm(n_train, generator=generator).numpy()
-        val_idx, train_idx = perm[:val_size], perm[val_size:]
-        if self.hparams.train_subset is not None:
-            train_idx = train_idx[: self.hparams.train_subset]
-        # index the uint8 arrays first: only the kept images are converted to float
-        self.train_x = self._to_tensor(arrays["train_x"][train_idx])
-        self.train_y = torch.from_numpy(arrays["train_y"][train_idx].astype(np.int64))
-        self.val_x = self._to_tensor(arrays["train_x"][val_idx])
-        self.val_y = torch.from_numpy(arrays["train_y"][val_idx].astype(np.int64))
-        self.test_x = self._to_tensor(arrays["test_x"])
-        self.test_y = torch.from_numpy(arrays["test_y"].astype(np.int64))
-        self._ready = True
-
-    def _check_ready(self) -> None:
-        if not self._ready:
-            raise RuntimeError("call setup() before asking for a dataloader")
-
-    def train_dataloader(self) -> DataLoader:
-        self._check_ready()
-        return DataLoader(
-            TensorBatches(self.train_x, self.train_y),
-            batch_size=self.hparams.batch_size,
-            sampler=EpochShuffleSampler(len(self.train_y), self.hparams.split_seed),
-            collate_fn=pass_batch,
-            num_workers=self.hparams.num_workers,
-            drop_last=False,
-        )
-
-    def _eval_loader(self, x: torch.Tensor, y: torch.Tensor) -> DataLoader:
-        return DataLoader(
-            TensorBatches(x, y),
-            batch_size=self.hparams.eval_batch_size,
-            shuffle=False,
-            collate_fn=pass_batch,
-            num_workers=self.hparams.num_workers,
-            drop_last=False,
-        )
-
-    def val_dataloader(self) -> DataLoader | list:
-        self._check_ready()
-        if self.hparams.val_size == 0:
-            return []
-        return self._eval_loader(self.val_x, self.val_y)
-
-    def test_dataloader(self) -> DataLoader:
-        self._check_ready()
-        return self._eval_loader(self.test_x, self.test_y)
-
-    def augment_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """The training augmentation: crop with 4 pixels of black padding, random flip."""
-        black = [-m / s for m, s in zip(self.spec.mean, self.spec.std)]
-        return random_crop_flip(x, padding=4, fill=black)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self.trainer
-        if self.augment and trainer is not None and trainer.training:
-            x, y = batch
-            return self.augment_batch(x), y
-        return batch
-
-
-class MNISTDataModule(ImageDataModule):
-    """:class:`ImageDataModule` for MNIST (same arguments, ``dataset`` fixed)."""
-
-    num_classes = 10
-    input_shape = DATASETS["mnist"].input_shape
-    class_names = DATASETS["mnist"].class_names
-
-    def __init__(self, data_dir: str | None = None, batch_size: int = 128,
-                 eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
-                 download: bool = False, augment: bool | None = None,
-                 train_subset: int | None = None, num_workers: int = 0) -> None:
-        super().__init__("mnist", data_dir, batch_size, eval_batch_size, val_size, split_seed,
-                         download, augment, train_subset, num_workers)
-
-
-class FashionMNISTDataModule(ImageDataModule):
-    """:class:`ImageDataModule` for Fashion-MNIST (same arguments, ``dataset`` fixed)."""
-
-    num_classes = 10
-    input_shape = DATASETS["fashion_mnist"].input_shape
-    class_names = DATASETS["fashion_mnist"].class_names
-
-    def __init__(self, data_dir: str | None = None, batch_size: int = 128,
-                 eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
-                 download: bool = False, augment: bool | None = None,
-                 train_subset: int | None = None, num_workers: int = 0) -> None:
-        super().__init__("fashion_mnist", data_dir, batch_size, eval_batch_size, val_size,
-                         split_seed, download, augment, train_subset, num_workers)
-
-
-class CIFAR10DataModule(ImageDataModule):
-    """:class:`ImageDataModule` for CIFAR-10 (same arguments, ``dataset`` fixed)."""
-
-    num_classes = 10
-    input_shape = DATASETS["cifar10"].input_shape
-    class_names = DATASETS["cifar10"].class_names
-
-    def __init__(self, data_dir: str | None = None, batch_size: int = 128,
-                 eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
-                 download: bool = False, augment: bool | None = None,
-                 train_subset: int | None = None, num_workers: int = 0) -> None:
-        super().__init__("cifar10", data_dir, batch_size, eval_batch_size, val_size, split_seed,
-                         download, augment, train_subset, num_workers)
