@@ -32,9 +32,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from robusttrain.estimators import estimate_smoothed_grad
 from robusttrain.models import MLP, LeNet
-from robusttrain.population import population_smoothed_grad, supports_population
+from robusttrain.zo.estimators import estimate_smoothed_grad
+from robusttrain.zo.population import population_smoothed_grad, supports_population
 
 BATCH = 256
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"

@@ -3,7 +3,7 @@
 * :class:`Classifier` — ordinary backprop on the loss L(θ) (the baseline).
 * :class:`ZerothOrderClassifier` — minimizes the Gaussian-smoothed loss
   L_σ(θ) = E_g[L(θ + σg)] from forward passes only, with the antithetic estimator of
-  :mod:`robusttrain.estimators`; the estimate is written into ``.grad`` and any ``torch.optim``
+  :mod:`robusttrain.zo.estimators`; the estimate is written into ``.grad`` and any ``torch.optim``
   optimizer (SGD with momentum or Nesterov, Adam, ...) takes the step.
 * :class:`NoiseInjectionClassifier` — backprop on the smoothed loss: each step takes the gradient at
   θ + σg for a fresh g (a one-sample reparameterised estimate of ∇L_σ), then steps from θ.
@@ -31,8 +31,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from robusttrain.estimators import NonFiniteLossError, estimate_smoothed_grad, pair_seed
 from robusttrain.models import build_backbone
+from robusttrain.zo.estimators import NonFiniteLossError, estimate_smoothed_grad, pair_seed
 
 __all__ = [
     "Classifier",
@@ -222,7 +222,7 @@ class ZerothOrderClassifier(Classifier):
         sigma: smoothing scale σ (absolute, in weight units) of L_σ.
         num_pairs: antithetic pairs N per step (2N perturbed forward passes).
         estimator: ``"antithetic"``, ``"one_sided"`` or ``"plain"`` (see
-            :func:`robusttrain.estimators.smoothed_loss_grad`).
+            :func:`robusttrain.zo.estimators.smoothed_loss_grad`).
         fitness_shaping: use centered ranks instead of raw losses (biased for ∇L_σ; off by default).
         seed: base seed of the perturbations.
         population: evaluate all perturbed copies in one batched pass (exact, faster for
@@ -264,7 +264,7 @@ class ZerothOrderClassifier(Classifier):
         self._skipped_steps = 0
 
     def _use_population(self) -> bool:
-        from robusttrain import population
+        from robusttrain.zo import population
 
         if self.population is False:
             return False
@@ -295,7 +295,7 @@ class ZerothOrderClassifier(Classifier):
         try:
             with frozen_stochastic_layers(self.backbone):
                 if self._use_population():
-                    from robusttrain.population import population_smoothed_grad
+                    from robusttrain.zo.population import population_smoothed_grad
 
                     estimate = population_smoothed_grad(self.backbone, x, y, **options)
                 else:
@@ -381,7 +381,7 @@ class NoiseInjectionClassifier(Classifier):
         self.automatic_optimization = False
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        from robusttrain.estimators import draw_noise
+        from robusttrain.zo.estimators import draw_noise
 
         optimizer = self.optimizers()
         params = [p for p in self.backbone.parameters() if p.requires_grad]

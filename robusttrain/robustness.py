@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from robusttrain.estimators import pair_seed
 from robusttrain.files import write_atomic
 from robusttrain.noise import (
     NOISE_MODELS,
@@ -55,6 +54,7 @@ from robusttrain.noise import (
     noisy_parameters,
     preserved_state,
 )
+from robusttrain.zo.estimators import pair_seed
 
 __all__ = [
     "BN_MODES",

@@ -21,8 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import robusttrain.estimators as estimators
-from robusttrain.estimators import (
+import robusttrain.zo.estimators as estimators
+from robusttrain.models import MLP
+from robusttrain.zo.estimators import (
     ESTIMATORS,
     NonFiniteLossError,
     centered_ranks,
@@ -32,7 +33,6 @@ from robusttrain.estimators import (
     pair_seed,
     smoothed_loss_grad,
 )
-from robusttrain.models import MLP
 
 K = 4.5
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robusttrain.estimators import NonFiniteLossError, estimate_smoothed_grad
 from robusttrain.models import MLP, LeNet, ResNet20
-from robusttrain.population import (
+from robusttrain.zo.estimators import NonFiniteLossError, estimate_smoothed_grad
+from robusttrain.zo.population import (
     choose_population,
     population_smoothed_grad,
     supports_population,

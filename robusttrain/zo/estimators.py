@@ -20,7 +20,7 @@ the parameters are written as clean ± σz_i from one saved copy of their clean 
 back from it, also when the loss function raises. Memory stays near one forward pass plus three
 parameter-sized buffers (clean copy, noise, estimate) and the parameters come back bit for bit.
 Every estimate is ĝ = Σ_i c_i z_i with the c_i of :func:`pair_coefficients`, which the batched
-path (``robusttrain.population``) shares. See docs/theory.md for the derivations.
+path (``robusttrain.zo.population``) shares. See docs/theory.md for the derivations.
 """
 
 from __future__ import annotations

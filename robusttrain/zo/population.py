@@ -1,6 +1,6 @@
 r"""Perturbed losses of many copies of an MLP at once, without touching its parameters.
 
-The generic estimator (:func:`robusttrain.estimators.estimate_smoothed_grad`) perturbs the weights
+The generic estimator (:func:`robusttrain.zo.estimators.estimate_smoothed_grad`) perturbs the weights
 in place and runs 2N ordinary forward passes. For a network of Linear layers there is an exact
 shortcut: the first layer sees the same input x in every perturbed copy, so
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robusttrain.estimators import (
+from robusttrain.zo.estimators import (
     NonFiniteLossError,
     SmoothedGradEstimate,
     draw_noise,
@@ -95,7 +95,7 @@ def perturbed_losses(
     if layers is None:
         raise ValueError(
             f"{type(model).__name__} is not a chain of Linear/ReLU/Dropout layers; use "
-            "robusttrain.estimators.estimate_smoothed_grad for it"
+            "robusttrain.zo.estimators.estimate_smoothed_grad for it"
         )
     k = noise.shape[0]
     signs = (1.0, -1.0) if antithetic else (1.0,)
@@ -157,10 +157,10 @@ def population_smoothed_grad(
     fitness_shaping: bool = False,
     chunk_size: int | None = None,
 ) -> SmoothedGradEstimate:
-    """The estimate of :func:`~robusttrain.estimators.smoothed_loss_grad` for an MLP, batched.
+    """The estimate of :func:`~robusttrain.zo.estimators.smoothed_loss_grad` for an MLP, batched.
 
     The loss is the mean cross-entropy of ``model(x)`` against ``y``. Same directions, same
-    coefficients (:func:`~robusttrain.estimators.pair_coefficients`) as the generic path; the
+    coefficients (:func:`~robusttrain.zo.estimators.pair_coefficients`) as the generic path; the
     parameters are only read. ``"plain"`` is not batched (use the generic path).
 
     Args:
@@ -182,7 +182,7 @@ def population_smoothed_grad(
     if not supports_population(model):
         raise ValueError(
             f"{type(model).__name__} is not a chain of Linear/ReLU/Dropout layers; use "
-            "robusttrain.estimators.estimate_smoothed_grad for it"
+            "robusttrain.zo.estimators.estimate_smoothed_grad for it"
         )
     chunk = min(num_pairs, chunk_size or 32)
     total = sum(p.numel() for p in params)
