@@ -32,7 +32,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from robusttrain.models import build_backbone
-from robusttrain.zo.estimators import NonFiniteLossError, estimate_smoothed_grad, pair_seed
+from robusttrain.noise.seeds import pair_seed
+from robusttrain.zo.estimators import NonFiniteLossError, estimate_smoothed_grad
 
 __all__ = [
     "Classifier",
@@ -381,7 +382,7 @@ class NoiseInjectionClassifier(Classifier):
         self.automatic_optimization = False
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        from robusttrain.zo.estimators import draw_noise
+        from robusttrain.noise.seeds import draw_noise
 
         optimizer = self.optimizers()
         params = [p for p in self.backbone.parameters() if p.requires_grad]

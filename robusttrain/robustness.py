@@ -54,7 +54,7 @@ from robusttrain.noise import (
     noisy_parameters,
     preserved_state,
 )
-from robusttrain.zo.estimators import pair_seed
+from robusttrain.noise.seeds import pair_seed
 
 __all__ = [
     "BN_MODES",

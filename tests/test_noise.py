@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from robusttrain.models import MLP, LeNet, ResNet20
-from robusttrain.noise import draw_directions, noisy_parameters, perturbed_weights
-from robusttrain.zo.estimators import draw_noise
+from robusttrain.noise import draw_directions, draw_noise, noisy_parameters, perturbed_weights
 
 
 def snapshot(model):
@@ -65,7 +64,7 @@ def test_a_wrong_scale_would_be_detected():
 
 
 def test_noise_is_one_flat_draw_laid_out_tensor_after_tensor():
-    # the convention of robusttrain.zo.estimators.draw_noise: ε = randn(P_total) from the seed
+    # the convention of robusttrain.noise.seeds.draw_noise: ε = randn(P_total) from the seed
     model = MLP(20, [8], 3)
     tensors = [p for _, p in noisy_parameters(model)]
     directions = draw_directions(tensors, "absolute", torch.Generator().manual_seed(11))

@@ -15,8 +15,8 @@ the perturbation at every level, and ``level = 0`` is no perturbation at all.
 Which tensors: the weights of Linear and convolution layers (``nn.Linear``, ``nn.Conv1d/2d/3d``) by
 default; their biases with ``include_bias``; the affine parameters of BatchNorm, GroupNorm and
 LayerNorm with ``include_norm``. ε is one flat float32 ``torch.randn`` over the selected tensors, laid
-out tensor after tensor (the convention of :func:`robusttrain.zo.estimators.draw_noise`), so two models
-with the same architecture get the same ε from the same seed.
+out tensor after tensor (the convention of :func:`robusttrain.noise.seeds.draw_noise`), so two
+models with the same architecture get the same ε from the same seed.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from robusttrain.zo.estimators import draw_noise
+from robusttrain.noise.seeds import draw_noise
 
 __all__ = [
     "NOISE_MODELS",

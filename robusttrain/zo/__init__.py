@@ -4,17 +4,19 @@
   perturbing the parameters in place and restoring them bit for bit.
 * :mod:`robusttrain.zo.population` — the same estimate for MLPs, all perturbed copies in one
   batched pass.
+
+Both draw their directions with the seeding convention of :mod:`robusttrain.noise.seeds`;
+:func:`pair_seed` and :func:`draw_noise` are importable from here too.
 """
 
+from robusttrain.noise.seeds import draw_noise, pair_seed
 from robusttrain.zo.estimators import (
     ESTIMATORS,
     NonFiniteLossError,
     SmoothedGradEstimate,
     centered_ranks,
-    draw_noise,
     estimate_smoothed_grad,
     pair_coefficients,
-    pair_seed,
     smoothed_loss_grad,
 )
 from robusttrain.zo.population import (

@@ -15,10 +15,11 @@ variance is far lower. The Monte-Carlo estimate with N pairs is
     ĝ = 1/(2σN) · Σ_i [L(θ + σz_i) − L(θ − σz_i)] z_i,     z_i ~ N(0, I).
 
 The parameters are perturbed in place (as in MeZO, Malladi et al. 2023): pair i's direction z_i
-is drawn once, from a local generator seeded with ``pair_seed(seed, i)``, into one reusable buffer;
-the parameters are written as clean ± σz_i from one saved copy of their clean values and copied
-back from it, also when the loss function raises. Memory stays near one forward pass plus three
-parameter-sized buffers (clean copy, noise, estimate) and the parameters come back bit for bit.
+is drawn once, from a local generator seeded with ``pair_seed(seed, i)``, into one reusable buffer
+(the convention of :mod:`robusttrain.noise.seeds`); the parameters are written as clean ± σz_i
+from one saved copy of their clean values and copied back from it, also when the loss function
+raises. Memory stays near one forward pass plus three parameter-sized buffers (clean copy, noise,
+estimate) and the parameters come back bit for bit.
 Every estimate is ĝ = Σ_i c_i z_i with the c_i of :func:`pair_coefficients`, which the batched
 path (``robusttrain.zo.population``) shares. See docs/theory.md for the derivations.
 """
@@ -32,53 +33,17 @@ from dataclasses import dataclass
 
 import torch
 
+from robusttrain.noise.seeds import draw_noise, pair_seed
+
 __all__ = [
     "ESTIMATORS",
     "NonFiniteLossError",
     "SmoothedGradEstimate",
     "centered_ranks",
-    "draw_noise",
     "estimate_smoothed_grad",
     "pair_coefficients",
-    "pair_seed",
     "smoothed_loss_grad",
 ]
-
-_MASK63 = (1 << 63) - 1
-
-
-def pair_seed(seed: int, index: int) -> int:
-    """Seed of the ``index``-th noise draw of an estimate made with ``seed`` (a 63-bit mix).
-
-    Every path that evaluates perturbed losses (the in-place loop here, the batched population
-    path) draws pair ``index``'s noise as ``draw_noise(params, torch.Generator(...).manual_seed(
-    pair_seed(seed, index)))``, so they perturb in exactly the same directions.
-    """
-    x = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK63
-    x ^= x >> 31
-    x = (x * 0xD6E8FEB86659FD93) & _MASK63
-    return x ^ (x >> 29)
-
-
-def draw_noise(
-    params: Sequence[torch.Tensor], generator: torch.Generator, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One standard-normal direction for all ``params``, as a flat float32 vector.
-
-    The vector is laid out parameter after parameter in the order of ``params`` (each flattened,
-    row-major), drawn with a single ``torch.randn`` call from ``generator``.
-
-    Args:
-        params: the tensors being perturbed (only their sizes and device are used).
-        generator: a seeded local generator on the params' device.
-        out: optional preallocated flat buffer of the total size, reused across pairs.
-    """
-    total = sum(p.numel() for p in params)
-    device = params[0].device
-    if out is None:
-        out = torch.empty(total, device=device, dtype=torch.float32)
-    return torch.randn(total, generator=generator, device=device, dtype=torch.float32, out=out)
-
 
 ESTIMATORS = ("antithetic", "one_sided", "plain")
 

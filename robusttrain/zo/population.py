@@ -25,13 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robusttrain.zo.estimators import (
-    NonFiniteLossError,
-    SmoothedGradEstimate,
-    draw_noise,
-    pair_coefficients,
-    pair_seed,
-)
+from robusttrain.noise.seeds import draw_noise, pair_seed
+from robusttrain.zo.estimators import NonFiniteLossError, SmoothedGradEstimate, pair_coefficients
 
 __all__ = ["supports_population", "choose_population", "perturbed_losses",
            "population_smoothed_grad"]
