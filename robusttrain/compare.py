@@ -9,10 +9,10 @@
     backbone: {class_path: robusttrain.models.MLP, init_args: {hidden: [128]}}
     methods:
       sgd_momentum:
-        model: {class_path: robusttrain.module.Classifier}
+        model: {class_path: robusttrain.training.Classifier}
         optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.05, momentum: 0.9}}
       zo_nesterov:
-        model: {class_path: robusttrain.module.ZerothOrderClassifier, init_args: {num_pairs: 16}}
+        model: {class_path: robusttrain.training.ZerothOrderClassifier, init_args: {num_pairs: 16}}
         optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.05, momentum: 0.9, nesterov: true}}
         sigmas: [0.001, 0.01, 0.1]         # one run per smoothing scale
     robustness: {noise: relative, levels: [0, 0.05, 0.1, 0.2], draws: 50, seed: 0}
@@ -234,7 +234,7 @@ def train_run(
     cfg: CompareConfig, method: MethodSpec, sigma: float | None, seed: int, out: Path
 ) -> dict[str, Any]:
     """Train one (method, σ, seed) unless its ``result.json`` exists; return that result."""
-    from robusttrain.cli import make_cli
+    from robusttrain.training.lightning_cli import make_cli
 
     run_dir = _run_dir(out, method, sigma, seed)
     result_path = run_dir / "result.json"
@@ -292,8 +292,8 @@ def run_comparison(
     Returns:
         The path of ``report.md``.
     """
-    from robusttrain.module import load_checkpoint
     from robusttrain.robustness import evaluate_models, write_report
+    from robusttrain.training.checkpoints import load_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -835,7 +835,7 @@ def _run(args: argparse.Namespace) -> int:
         raise _UsageError("--device cuda given but no CUDA device is available; use --device cpu")
 
     from robusttrain.data import ImageDataModule
-    from robusttrain.module import load_checkpoint
+    from robusttrain.training.checkpoints import load_checkpoint
 
     loaded = [load_checkpoint(p) for p in args.ckpt]
     data = {k: v for k, v in loaded[0].data.items() if not k.startswith("_")}

@@ -29,9 +29,11 @@ method, backbone class path and arguments), the ``state_dict`` and the
 
 from pathlib import Path
 
+import pytest
 import torch
 
-from robusttrain.module import load_checkpoint
+from robusttrain.models import MLP
+from robusttrain.training import CheckpointError, load_checkpoint
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v0_1.ckpt"
 
@@ -61,3 +63,25 @@ def test_checkpoint_of_version_0_1_loads_with_its_weights_and_outputs():
     with torch.no_grad():
         logits = loaded.backbone(X)
     assert torch.allclose(logits, LOGITS_V0_1, rtol=0, atol=1e-6)
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(junk)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a robusttrain checkpoint"):
+        load_checkpoint(foreign)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"robusttrain": {"format": 1, "backbone": {"class_path": "os.system"}}}, evil)
+    with pytest.raises(CheckpointError, match="not a robusttrain model"):
+        load_checkpoint(evil)
+    wrong = tmp_path / "wrong.ckpt"
+    spec = MLP(8, [16], 3).spec
+    torch.save({"robusttrain": {"format": 1, "backbone": spec}, "state_dict": {}}, wrong)
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_checkpoint(wrong)

@@ -26,10 +26,10 @@ def tiny_config(tmp_path: Path, data_dir: Path) -> Path:
         "backbone": {"class_path": "robusttrain.models.MLP",
                      "init_args": {"in_features": 784, "hidden": [32], "num_classes": 10}},
         "methods": {
-            "sgd": {"model": {"class_path": "robusttrain.module.Classifier"},
+            "sgd": {"model": {"class_path": "robusttrain.training.Classifier"},
                     "optimizer": {"class_path": "torch.optim.SGD",
                                   "init_args": {"lr": 0.05, "momentum": 0.9}}},
-            "zo": {"model": {"class_path": "robusttrain.module.ZerothOrderClassifier",
+            "zo": {"model": {"class_path": "robusttrain.training.ZerothOrderClassifier",
                              "init_args": {"num_pairs": 4}},
                    "optimizer": {"class_path": "torch.optim.SGD",
                                  "init_args": {"lr": 0.001, "momentum": 0.9, "nesterov": True}},
@@ -77,7 +77,7 @@ def test_tiny_comparison_report_matches_csv_and_resumes(tmp_path, fashion_dir, m
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("robusttrain.cli.make_cli", no_training)
+    monkeypatch.setattr("robusttrain.training.lightning_cli.make_cli", no_training)
     again = run_comparison(cfg, out).read_text()
     assert again.split("## Units")[0].count("|") == report.split("## Units")[0].count("|")
 
@@ -155,7 +155,7 @@ def test_committed_comparison_configs_parse():
     for path in sorted((ROOT / "experiments").glob("*.yaml")):
         cfg = load_config(path)
         assert len(cfg.methods) >= 2, path
-        assert all(m.model["class_path"].startswith("robusttrain.module.") for m in cfg.methods)
+        assert all(m.model["class_path"].startswith("robusttrain.training.") for m in cfg.methods)
     full = load_config(ROOT / "experiments" / "fashion_mlp.yaml")
     assert len(full.seeds) >= 3
     swept = [m for m in full.methods if m.sigmas and len(m.sigmas) >= 3]

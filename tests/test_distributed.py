@@ -6,7 +6,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from robusttrain.models import MLP
-from robusttrain.module import ZerothOrderClassifier
+from robusttrain.training import ZerothOrderClassifier
 
 
 class AssertRanksAgree(Callback):

@@ -380,7 +380,7 @@ def test_cli_on_a_checkpoint_written_by_training(tmp_path, fashion_dir, capsys):
     from lightning.pytorch import Trainer
 
     from robusttrain.data import FashionMNISTDataModule
-    from robusttrain.module import Classifier
+    from robusttrain.training import Classifier
 
     dm = FashionMNISTDataModule(data_dir=str(fashion_dir), train_subset=512, val_size=500)
     trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False,

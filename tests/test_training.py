@@ -6,7 +6,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from robusttrain.data import FashionMNISTDataModule
 from robusttrain.models import MLP
-from robusttrain.module import Classifier, NoiseInjectionClassifier, ZerothOrderClassifier
+from robusttrain.training import Classifier, NoiseInjectionClassifier, ZerothOrderClassifier
 
 
 def _fit(model, datamodule, tmp_path, **trainer_kwargs):

@@ -60,7 +60,7 @@ def supports_population(model: nn.Module) -> bool:
 
 
 def choose_population(model: nn.Module, device: torch.device | str) -> bool:
-    """Whether :class:`~robusttrain.module.ZerothOrderClassifier` should use this path.
+    """Whether :class:`~robusttrain.training.ZerothOrderClassifier` should use this path.
 
     It is exact and was faster wherever it applies in our measurements (CPU), so: whenever the
     model is supported.

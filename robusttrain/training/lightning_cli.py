@@ -1,7 +1,7 @@
 """The ``robusttrain`` command.
 
 * ``robusttrain fit|validate|test|predict --config configs/x.yaml [--model.init_args.sigma 0.05 ...]``
-  — LightningCLI over :class:`robusttrain.module.Classifier` (and its subclasses) and
+  — LightningCLI over :class:`robusttrain.training.Classifier` (and its subclasses) and
   :class:`robusttrain.data.ImageDataModule`. Each run writes ``runs/<name>/version_<k>/`` holding
   ``config.yaml`` (the resolved config), ``metrics.csv`` and ``checkpoints/{best,last}.ckpt``.
 * ``robusttrain robustness ...`` — accuracy under weight noise (:mod:`robusttrain.robustness`).
@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from robusttrain.data import ImageDataModule
-from robusttrain.module import Classifier
+from robusttrain.training.modules import Classifier
 
 RUNS_DIR = "runs"
 

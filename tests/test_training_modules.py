@@ -10,15 +10,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from robusttrain.models import MLP
-from robusttrain.module import (
-    CheckpointError,
+from robusttrain.training import (
     Classifier,
     NoiseInjectionClassifier,
     ZerothOrderClassifier,
-    _step_seed,
     frozen_stochastic_layers,
     load_checkpoint,
 )
+from robusttrain.training.modules import _step_seed
 
 
 def blobs(n=512, dim=8, classes=3, seed=0):
@@ -174,28 +173,6 @@ def test_checkpoint_roundtrip_through_trainer(tmp_path):
         assert torch.equal(a, b)
     # the file also loads with plain weights-only torch.load (no code runs)
     torch.load(path, weights_only=True)
-
-
-def test_load_checkpoint_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.ckpt")
-    junk = tmp_path / "junk.ckpt"
-    junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable"):
-        load_checkpoint(junk)
-    foreign = tmp_path / "foreign.ckpt"
-    torch.save({"state_dict": {}}, foreign)
-    with pytest.raises(CheckpointError, match="not a robusttrain checkpoint"):
-        load_checkpoint(foreign)
-    evil = tmp_path / "evil.ckpt"
-    torch.save({"robusttrain": {"format": 1, "backbone": {"class_path": "os.system"}}}, evil)
-    with pytest.raises(CheckpointError, match="not a robusttrain model"):
-        load_checkpoint(evil)
-    wrong = tmp_path / "wrong.ckpt"
-    spec = MLP(8, [16], 3).spec
-    torch.save({"robusttrain": {"format": 1, "backbone": spec}, "state_dict": {}}, wrong)
-    with pytest.raises(CheckpointError, match="weights do not fit"):
-        load_checkpoint(wrong)
 
 
 @pytest.mark.parametrize("population", [False, True])

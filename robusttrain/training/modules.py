@@ -10,8 +10,8 @@
 
 All three share :meth:`Classifier.model_step` and the evaluation code, log ``train/loss``,
 ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``, and write a ``robusttrain``
-entry into every checkpoint so :func:`load_checkpoint` can rebuild the backbone without unpickling
-code.
+entry into every checkpoint so :func:`robusttrain.training.checkpoints.load_checkpoint` can rebuild
+the backbone without unpickling code.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -31,21 +29,22 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from robusttrain.models import build_backbone
-from robusttrain.noise.seeds import pair_seed
+from robusttrain.noise.seeds import draw_noise, pair_seed
+from robusttrain.training.checkpoints import CHECKPOINT_FORMAT
 from robusttrain.zo.estimators import NonFiniteLossError, estimate_smoothed_grad
+from robusttrain.zo.population import (
+    choose_population,
+    population_smoothed_grad,
+    supports_population,
+)
 
 __all__ = [
     "Classifier",
     "ZerothOrderClassifier",
     "NoiseInjectionClassifier",
-    "CheckpointError",
-    "LoadedCheckpoint",
-    "load_checkpoint",
     "frozen_stochastic_layers",
 ]
 
-CHECKPOINT_FORMAT = 1
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -265,13 +264,11 @@ class ZerothOrderClassifier(Classifier):
         self._skipped_steps = 0
 
     def _use_population(self) -> bool:
-        from robusttrain.zo import population
-
         if self.population is False:
             return False
         if self.population is None:
-            return population.choose_population(self.backbone, self.device)
-        if not population.supports_population(self.backbone):
+            return choose_population(self.backbone, self.device)
+        if not supports_population(self.backbone):
             raise ValueError(
                 f"population=True needs a backbone of plain Linear/Conv2d layers; "
                 f"{type(self.backbone).__name__} is not one. Use population: null"
@@ -296,8 +293,6 @@ class ZerothOrderClassifier(Classifier):
         try:
             with frozen_stochastic_layers(self.backbone):
                 if self._use_population():
-                    from robusttrain.zo.population import population_smoothed_grad
-
                     estimate = population_smoothed_grad(self.backbone, x, y, **options)
                 else:
                     estimate = estimate_smoothed_grad(
@@ -382,8 +377,6 @@ class NoiseInjectionClassifier(Classifier):
         self.automatic_optimization = False
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        from robusttrain.noise.seeds import draw_noise
-
         optimizer = self.optimizers()
         params = [p for p in self.backbone.parameters() if p.requires_grad]
         generator = torch.Generator(device=self.device)
@@ -415,73 +408,3 @@ class NoiseInjectionClassifier(Classifier):
         meta = super().robusttrain_meta()
         meta.update(sigma=self.sigma)
         return meta
-
-
-# ----- loading checkpoints for evaluation ------------------------------------------------------
-class CheckpointError(ValueError):
-    """A file that cannot be used as a robusttrain checkpoint; the message says why."""
-
-
-@dataclass
-class LoadedCheckpoint:
-    """A backbone rebuilt from a checkpoint, with the data settings it was trained on.
-
-    Attributes:
-        backbone: the network with its trained weights, in eval mode, on the CPU.
-        data: keyword arguments for :class:`robusttrain.data.ImageDataModule`.
-        meta: the checkpoint's ``robusttrain`` entry (method, sigma, ...), plus ``path``.
-    """
-
-    backbone: nn.Module
-    data: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Rebuild the trained backbone of a robusttrain checkpoint without executing code from it.
-
-    The file is read with ``torch.load(weights_only=True)``, and the backbone class must be one of
-    :mod:`robusttrain.models`.
-
-    Raises:
-        CheckpointError: the file is missing, unreadable, or not a robusttrain checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means "not a usable checkpoint"
-        raise CheckpointError(
-            f"{path} is not a readable weights-only checkpoint ({type(err).__name__}); "
-            "pass a .ckpt written by `robusttrain fit`"
-        ) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("robusttrain"), dict):
-        raise CheckpointError(
-            f"{path} is not a robusttrain checkpoint (no 'robusttrain' entry); "
-            "pass a .ckpt written by `robusttrain fit`"
-        )
-    meta = dict(checkpoint["robusttrain"])
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} has checkpoint format {meta.get('format')!r}; this robusttrain reads "
-            f"format {CHECKPOINT_FORMAT}"
-        )
-    try:
-        backbone = build_backbone(meta.get("backbone"))
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot rebuild the backbone: {err}") from None
-    state = {
-        k[len("backbone.") :]: v
-        for k, v in checkpoint.get("state_dict", {}).items()
-        if k.startswith("backbone.")
-    }
-    try:
-        backbone.load_state_dict(state)
-    except RuntimeError as err:
-        first_line = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit the backbone: {first_line}") from None
-    backbone.eval()
-    meta["path"] = str(path)
-    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    return LoadedCheckpoint(backbone=backbone, data=data, meta=meta)

@@ -1,0 +1,37 @@
+"""Training: the LightningModules, their checkpoints, and the LightningCLI that builds a run.
+
+* :mod:`robusttrain.training.modules` — :class:`Classifier` (backprop), :class:`ZerothOrderClassifier`
+  (forward passes only) and :class:`NoiseInjectionClassifier` (backprop on the smoothed loss); in
+  configs ``robusttrain.training.Classifier`` and so on.
+* :mod:`robusttrain.training.checkpoints` — :func:`load_checkpoint`: the trained backbone and its
+  data settings from a checkpoint, without executing code from it.
+* :mod:`robusttrain.training.lightning_cli` — :class:`RobustTrainCLI` and :func:`make_cli`, the
+  LightningCLI of ``robusttrain fit|validate|test|predict``, also used to train comparison runs.
+"""
+
+from robusttrain.training.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    LoadedCheckpoint,
+    load_checkpoint,
+)
+from robusttrain.training.lightning_cli import RobustTrainCLI, make_cli
+from robusttrain.training.modules import (
+    Classifier,
+    NoiseInjectionClassifier,
+    ZerothOrderClassifier,
+    frozen_stochastic_layers,
+)
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "Classifier",
+    "LoadedCheckpoint",
+    "NoiseInjectionClassifier",
+    "RobustTrainCLI",
+    "ZerothOrderClassifier",
+    "frozen_stochastic_layers",
+    "load_checkpoint",
+    "make_cli",
+]
