@@ -12,9 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robusttrain.models import MLP
-from robusttrain.noise import perturbed_weights
-from robusttrain.robustness import (
+from robusttrain.evaluation.robustness import (
     area_under_curve,
     drop_levels,
     evaluate,
@@ -25,6 +23,8 @@ from robusttrain.robustness import (
     t_quantile_975,
     write_report,
 )
+from robusttrain.models import MLP
+from robusttrain.noise import perturbed_weights
 
 
 @pytest.fixture(autouse=True, scope="module")
