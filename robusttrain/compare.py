@@ -292,7 +292,7 @@ def run_comparison(
     Returns:
         The path of ``report.md``.
     """
-    from robusttrain.evaluation.robustness import evaluate_models, write_report
+    from robusttrain.evaluation import evaluate_models, write_report
     from robusttrain.training.checkpoints import load_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
@@ -383,7 +383,7 @@ def summarize_runs(
     accuracy) and normalized area of the seed-averaged curve, and the mean wall time and
     forward-pass equivalents per run.
     """
-    from robusttrain.evaluation.robustness import area_under_curve, drop_levels
+    from robusttrain.evaluation import area_under_curve, drop_levels
 
     by_model: dict[str, dict[float, list[float]]] = {}
     for row in rows:

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robusttrain.evaluation.robustness import (
+from robusttrain.commands.robustness import main
+from robusttrain.evaluation import (
     area_under_curve,
     drop_levels,
     evaluate,
     evaluate_models,
     level_statistics,
-    main,
     plot_robustness,
     t_quantile_975,
     write_report,

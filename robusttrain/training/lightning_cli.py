@@ -4,8 +4,7 @@
   — LightningCLI over :class:`robusttrain.training.Classifier` (and its subclasses) and
   :class:`robusttrain.data.ImageDataModule`. Each run writes ``runs/<name>/version_<k>/`` holding
   ``config.yaml`` (the resolved config), ``metrics.csv`` and ``checkpoints/{best,last}.ckpt``.
-* ``robusttrain robustness ...`` — accuracy under weight noise
-  (:mod:`robusttrain.evaluation.robustness`).
+* ``robusttrain robustness ...`` — accuracy under weight noise (:mod:`robusttrain.evaluation`).
 * ``robusttrain compare ...`` — train several methods and compare them under weight noise
   (:mod:`robusttrain.compare`).
 """
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "robustness":
-        from robusttrain.evaluation.robustness import main as robustness_main
+        from robusttrain.commands.robustness import main as robustness_main
 
         return robustness_main(argv[1:])
     if argv and argv[0] == "compare":

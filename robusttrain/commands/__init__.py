@@ -1,0 +1,4 @@
+"""The command-line layer: parses arguments and calls the layers below; nothing imports it.
+
+* :mod:`robusttrain.commands.robustness` — ``robusttrain robustness``.
+"""

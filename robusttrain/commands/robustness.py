@@ -1,0 +1,172 @@
+"""``robusttrain robustness``: accuracy of trained checkpoints under weight noise.
+
+``robusttrain robustness --ckpt A.ckpt --ckpt B.ckpt --noise relative --levels 0,0.05,0.1
+--draws 50 --out DIR`` writes ``robustness.csv`` (one row per model, level and draw),
+``summary.json`` and ``robustness.png`` (see :mod:`robusttrain.evaluation`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from robusttrain.data import ImageDataModule
+from robusttrain.evaluation.report import format_table, write_report
+from robusttrain.evaluation.robustness import BN_MODES, evaluate_models, level_key
+from robusttrain.noise import NOISE_MODELS
+from robusttrain.training.checkpoints import load_checkpoint
+
+__all__ = ["main"]
+
+
+class _UsageError(ValueError):
+    """A command-line mistake; reported in one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise _UsageError(f"{message} (see --help)")
+
+
+def _parse_levels(text: str) -> list[float]:
+    parts = [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        levels = [float(v) for v in parts]
+    except ValueError:
+        raise _UsageError(f"--levels must be comma-separated numbers >= 0, got {text!r}") from None
+    if not levels or any(not math.isfinite(v) or v < 0 for v in levels):
+        raise _UsageError(f"--levels must be comma-separated numbers >= 0, got {text!r}")
+    if len({level_key(v) for v in levels}) != len(levels):
+        raise _UsageError(f"--levels must be distinct, got {text!r}")
+    return levels
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="robusttrain robustness",
+        description="Accuracy of trained checkpoints under random perturbations of their weights.",
+    )
+    parser.add_argument("--ckpt", action="append", required=True,
+                        help="checkpoint written by `robusttrain fit` (repeatable)")
+    parser.add_argument("--name", action="append", help="label of each checkpoint, in order")
+    parser.add_argument("--noise", default="relative", help=f"one of {', '.join(NOISE_MODELS)}")
+    parser.add_argument("--levels", default="0,0.02,0.05,0.1,0.2",
+                        help="comma-separated noise levels (0, the clean model, is always added)")
+    parser.add_argument("--draws", default="50", help="draws per level (default 50)")
+    parser.add_argument("--seed", default="0", help="base seed of the draws (default 0)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--split", choices=["test", "val"], default="test")
+    parser.add_argument("--data-dir", help="override the data_dir saved in the checkpoint")
+    parser.add_argument("--batch-size", default="2000", help="examples per forward pass")
+    parser.add_argument("--bn-mode", choices=BN_MODES, default="keep",
+                        help="keep the trained BatchNorm statistics or re-estimate them per draw")
+    parser.add_argument("--bn-batches", default="10", help="batches for --bn-mode reestimate")
+    parser.add_argument("--include-bias", action="store_true", help="perturb biases too")
+    parser.add_argument("--include-norm", action="store_true",
+                        help="perturb normalization weights and biases too")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _int_option(flag: str, text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise _UsageError(f"{flag} must be an integer >= {low}, got {text!r}") from None
+    if value < low:
+        raise _UsageError(f"{flag} must be an integer >= {low}, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``robusttrain robustness``: evaluate checkpoints under weight noise (see module docstring).
+
+    Args:
+        argv: the arguments after ``robustness``; default ``sys.argv[1:]``.
+
+    Returns:
+        0 on success, 2 on bad input (after printing one line to stderr).
+    """
+    try:
+        args = _build_parser().parse_args(argv)
+        return _run(args)
+    except ValueError as err:  # bad options, CheckpointError, DatasetError are ValueErrors
+        message = " ".join(str(err).split("\n")[0].split())
+        print(f"robusttrain robustness: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    levels = _parse_levels(args.levels)
+    if args.noise not in NOISE_MODELS:
+        raise _UsageError(f"unknown noise model {args.noise!r}; choose one of "
+                          f"{', '.join(NOISE_MODELS)}")
+    draws = _int_option("--draws", args.draws, 1)
+    seed = _int_option("--seed", args.seed, 0)
+    batch_size = _int_option("--batch-size", args.batch_size, 1)
+    bn_batches = _int_option("--bn-batches", args.bn_batches, 1)
+    if args.name and len(args.name) != len(args.ckpt):
+        raise _UsageError(f"{len(args.name)} --name for {len(args.ckpt)} --ckpt; give one each")
+    names = args.name or [_default_name(p) for p in args.ckpt]
+    if len(set(names)) != len(names):
+        raise _UsageError(f"two checkpoints have the same name {names}; label them with --name")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise _UsageError(f"--device must be cpu or cuda[:k], got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _UsageError("--device cuda given but no CUDA device is available; use --device cpu")
+
+    loaded = [load_checkpoint(p) for p in args.ckpt]
+    data = {k: v for k, v in loaded[0].data.items() if not k.startswith("_")}
+    if "dataset" not in data:
+        raise _UsageError(f"{args.ckpt[0]} holds no data settings (no 'dataset' in "
+                          "datamodule_hyper_parameters); use a checkpoint written by "
+                          "`robusttrain fit`")
+    for other, path in zip(loaded[1:], args.ckpt[1:]):
+        if other.data.get("dataset") != data["dataset"]:
+            raise _UsageError(f"{path} was trained on {other.data.get('dataset')}, "
+                              f"{args.ckpt[0]} on {data['dataset']}; compare like with like")
+    if args.data_dir:
+        data["data_dir"] = args.data_dir
+    try:
+        datamodule = ImageDataModule(**data)
+    except TypeError as err:  # a data setting this version does not know
+        raise _UsageError(f"{args.ckpt[0]}: its data settings do not fit ImageDataModule "
+                          f"({err})") from None
+    datamodule.setup("fit" if args.split == "val" or args.bn_mode == "reestimate" else "test")
+    if args.split == "val":
+        if len(datamodule.val_y) == 0:
+            raise _UsageError("--split val but the checkpoint's data settings have val_size 0; "
+                              "use --split test")
+        x, y = datamodule.val_x, datamodule.val_y
+    else:
+        x, y = datamodule.test_x, datamodule.test_y
+    models = {n: c.backbone.to(device) for n, c in zip(names, loaded)}
+    result = evaluate_models(
+        models, x.to(device), y.to(device), noise=args.noise, levels=levels, draws=draws,
+        seed=seed, batch_size=batch_size, bn_mode=args.bn_mode,
+        bn_data=datamodule.train_x if args.bn_mode == "reestimate" else None,
+        bn_batches=bn_batches, include_bias=args.include_bias, include_norm=args.include_norm,
+        progress=not args.no_progress,
+    )
+    paths = write_report(result, args.out)
+    bn_note = {"keep": "kept from training", "reestimate": "re-estimated after each draw"}
+    print(f"{args.noise} weight noise, {draws} draws per level, {args.split} split "
+          f"({len(y)} examples), BatchNorm statistics {bn_note[args.bn_mode]}; accuracy in %")
+    print(format_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _default_name(path: str) -> str:
+    """``runs/<name>/version_k/checkpoints/last.ckpt`` -> ``<name>/version_k``; else the stem."""
+    parts = Path(path).parts
+    if len(parts) >= 4 and parts[-2] == "checkpoints":
+        return f"{parts[-4]}/{parts[-3]}"
+    return Path(path).stem
