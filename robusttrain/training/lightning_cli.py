@@ -6,7 +6,7 @@
   ``config.yaml`` (the resolved config), ``metrics.csv`` and ``checkpoints/{best,last}.ckpt``.
 * ``robusttrain robustness ...`` — accuracy under weight noise (:mod:`robusttrain.evaluation`).
 * ``robusttrain compare ...`` — train several methods and compare them under weight noise
-  (:mod:`robusttrain.compare`).
+  (:mod:`robusttrain.comparison`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return robustness_main(argv[1:])
     if argv and argv[0] == "compare":
-        from robusttrain.compare import main as compare_main
+        from robusttrain.comparison.runner import main as compare_main
 
         return compare_main(argv[1:])
     make_cli(None if from_command_line else argv)

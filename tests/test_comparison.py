@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from robusttrain import compare
-from robusttrain.compare import CompareConfigError, load_config, main, run_comparison
+from robusttrain.comparison import runner
+from robusttrain.comparison.runner import CompareConfigError, load_config, main, run_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,20 +91,20 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, fashion_dir, mon
     method = cfg.methods[0]
     # first attempt: stops after one epoch, as if interrupted (no result.json written)
     cfg.trainer["max_epochs"] = 1
-    compare.train_run(cfg, method, None, 0, out)
+    runner.train_run(cfg, method, None, 0, out)
     run_dir = out / "runs" / "sgd" / "seed0"
     (run_dir / "result.json").unlink()
     cfg.trainer["max_epochs"] = 2
     seen = {}
-    real_fit_args = compare._fit_args
+    real_fit_args = runner._fit_args
 
     def spy(*args, **kwargs):
         fit = real_fit_args(*args, **kwargs)
         seen["ckpt_path"] = fit.get("ckpt_path")
         return fit
 
-    monkeypatch.setattr(compare, "_fit_args", spy)
-    result = compare.train_run(cfg, method, None, 0, out)
+    monkeypatch.setattr(runner, "_fit_args", spy)
+    result = runner.train_run(cfg, method, None, 0, out)
     assert seen["ckpt_path"] == str(run_dir / "checkpoints" / "last.ckpt")
     assert result["steps"] == 2 * 20  # the second epoch only added its 20 steps
 
