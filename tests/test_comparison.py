@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from robusttrain.comparison import runner
-from robusttrain.comparison.runner import CompareConfigError, load_config, main, run_comparison
+from robusttrain.commands.compare import main
+from robusttrain.comparison import CompareConfigError, load_config, run_comparison, runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_tiny_comparison_report_matches_csv_and_resumes(tmp_path, fashion_dir, m
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("robusttrain.training.lightning_cli.make_cli", no_training)
+    monkeypatch.setattr("robusttrain.comparison.runner.make_cli", no_training)
     again = run_comparison(cfg, out).read_text()
     assert again.split("## Units")[0].count("|") == report.split("## Units")[0].count("|")
 

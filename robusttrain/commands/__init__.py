@@ -1,4 +1,5 @@
 """The command-line layer: parses arguments and calls the layers below; nothing imports it.
 
 * :mod:`robusttrain.commands.robustness` — ``robusttrain robustness``.
+* :mod:`robusttrain.commands.compare` — ``robusttrain compare``.
 """

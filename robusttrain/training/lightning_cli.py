@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return robustness_main(argv[1:])
     if argv and argv[0] == "compare":
-        from robusttrain.comparison.runner import main as compare_main
+        from robusttrain.commands.compare import main as compare_main
 
         return compare_main(argv[1:])
     make_cli(None if from_command_line else argv)
