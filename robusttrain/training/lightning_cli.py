@@ -1,23 +1,20 @@
-"""The ``robusttrain`` command.
+"""The LightningCLI that builds a run from a YAML config: ``robusttrain fit|validate|test|predict``.
 
-* ``robusttrain fit|validate|test|predict --config configs/x.yaml [--model.init_args.sigma 0.05 ...]``
-  — LightningCLI over :class:`robusttrain.training.Classifier` (and its subclasses) and
-  :class:`robusttrain.data.ImageDataModule`. Each run writes ``runs/<name>/version_<k>/`` holding
-  ``config.yaml`` (the resolved config), ``metrics.csv`` and ``checkpoints/{best,last}.ckpt``.
-* ``robusttrain robustness ...`` — accuracy under weight noise (:mod:`robusttrain.evaluation`).
-* ``robusttrain compare ...`` — train several methods and compare them under weight noise
-  (:mod:`robusttrain.comparison`).
+:func:`make_cli` builds a LightningCLI over :class:`robusttrain.training.Classifier` (and its
+subclasses) and :class:`robusttrain.data.ImageDataModule`. Each run writes
+``runs/<name>/version_<k>/`` holding ``config.yaml`` (the resolved config), ``metrics.csv`` and
+``checkpoints/{best,last}.ckpt``. The comparison trains its runs through it too.
 """
 
 from __future__ import annotations
-
-import sys
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from robusttrain.data import ImageDataModule
 from robusttrain.training.modules import Classifier
+
+__all__ = ["RUNS_DIR", "RobustTrainCLI", "make_cli"]
 
 RUNS_DIR = "runs"
 
@@ -63,23 +60,3 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> RobustTrainCLI:
         run=run,
         auto_configure_optimizers=False,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``robusttrain`` console script."""
-    from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "robustness":
-        from robusttrain.commands.robustness import main as robustness_main
-
-        return robustness_main(argv[1:])
-    if argv and argv[0] == "compare":
-        from robusttrain.commands.compare import main as compare_main
-
-        return compare_main(argv[1:])
-    make_cli(None if from_command_line else argv)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

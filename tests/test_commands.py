@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from robusttrain.training import load_checkpoint
-from robusttrain.training.lightning_cli import main, make_cli
+from robusttrain.commands.main import main
+from robusttrain.training import load_checkpoint, make_cli
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
