@@ -23,16 +23,16 @@ import torch.nn.functional as F
 
 import robusttrain.zo.estimators as estimators
 from robusttrain.models import MLP
+from robusttrain.noise.seeds import draw_noise, pair_seed
 from robusttrain.zo.estimators import (
     ESTIMATORS,
     NonFiniteLossError,
     centered_ranks,
-    draw_noise,
     estimate_smoothed_grad,
     pair_coefficients,
-    pair_seed,
     smoothed_loss_grad,
 )
+from robusttrain.zo.perturbations import Perturbation
 
 K = 4.5
 
@@ -264,12 +264,13 @@ def test_estimate_is_sum_of_coefficients_times_the_seeded_directions(estimator, 
 
 def test_each_direction_is_drawn_once(monkeypatch):
     calls = []
+    draw = Perturbation.draw
 
-    def counting_draw_noise(*args, **kwargs):
+    def counting_draw(*args, **kwargs):
         calls.append(1)
-        return draw_noise(*args, **kwargs)
+        return draw(*args, **kwargs)
 
-    monkeypatch.setattr(estimators, "draw_noise", counting_draw_noise)
+    monkeypatch.setattr(Perturbation, "draw", counting_draw)
     _, params, loss = small_model()
     smoothed_loss_grad(loss, params, sigma=0.1, num_pairs=5, seed=0)
     assert len(calls) == 5  # one generator pass per pair serves +σ, −σ and the accumulation
@@ -540,3 +541,25 @@ def test_forward_counts_and_diagnostics():
 def test_the_docstring_example_runs():
     result = doctest.testmod(estimators, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_zscore_shaping_is_the_raw_estimate_over_the_spread_of_the_losses():
+    g = torch.Generator().manual_seed(0)
+    plus, minus = torch.rand(6, generator=g, dtype=torch.float64), torch.rand(6, generator=g,
+                                                                              dtype=torch.float64)
+    both = torch.cat([plus, minus])
+    std = (both - both.mean()).pow(2).mean().sqrt()
+    raw = pair_coefficients(plus, minus, sigma=0.5, estimator="antithetic")
+    shaped = pair_coefficients(plus, minus, sigma=0.5, estimator="antithetic",
+                               fitness_shaping="zscore")
+    torch.testing.assert_close(shaped, raw / std)
+    # invariant to an affine change of the loss scale
+    rescaled = pair_coefficients(1000 * plus + 5, 1000 * minus + 5, sigma=0.5,
+                                 estimator="antithetic", fitness_shaping="zscore")
+    torch.testing.assert_close(rescaled, shaped)
+    # equal losses carry no information: zero coefficients, not NaN
+    flat = pair_coefficients(torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                             sigma=0.5, fitness_shaping="zscore")
+    assert torch.equal(flat, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="fitness_shaping must be one of"):
+        pair_coefficients(plus, minus, sigma=0.5, fitness_shaping="softmax")

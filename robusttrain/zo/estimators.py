@@ -33,19 +33,51 @@ from dataclasses import dataclass
 
 import torch
 
-from robusttrain.noise.seeds import draw_noise, pair_seed
+from robusttrain.noise.seeds import pair_seed
+from robusttrain.zo.perturbations import Perturbation
 
 __all__ = [
     "ESTIMATORS",
+    "FITNESS_SHAPINGS",
     "NonFiniteLossError",
     "SmoothedGradEstimate",
     "centered_ranks",
     "estimate_smoothed_grad",
+    "fitness_shaping_name",
     "pair_coefficients",
     "smoothed_loss_grad",
+    "zscores",
 ]
 
 ESTIMATORS = ("antithetic", "one_sided", "plain")
+FITNESS_SHAPINGS = ("none", "centered_ranks", "zscore")
+
+
+def fitness_shaping_name(value: bool | str) -> str:
+    """The canonical name of a ``fitness_shaping`` setting.
+
+    ``False``/``"none"``: raw losses; ``True``/``"centered_ranks"``: centered ranks (OpenAI ES);
+    ``"zscore"``: losses minus their mean, divided by their standard deviation (EGGROLL).
+    """
+    if value is False or value == "none":
+        return "none"
+    if value is True or value == "centered_ranks":
+        return "centered_ranks"
+    if value == "zscore":
+        return "zscore"
+    raise ValueError(
+        f"fitness_shaping must be one of {', '.join(FITNESS_SHAPINGS)} (or a bool), got {value!r}"
+    )
+
+
+def zscores(values: torch.Tensor) -> torch.Tensor:
+    """(values − mean) / std over all entries (population std); zeros when all are equal."""
+    flat = values.double()
+    centered = flat - flat.mean()
+    std = centered.pow(2).mean().sqrt()
+    if float(std) == 0.0:
+        return torch.zeros_like(flat).to(values.dtype)
+    return (centered / std).to(values.dtype)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -77,7 +109,9 @@ class SmoothedGradEstimate:
         losses_plus: L(θ + σ z_i), shape (N,), float64 on the CPU.
         losses_minus: L(θ − σ z_i), shape (N,), for the antithetic estimator; else ``None``.
         baseline: L(θ) for the one-sided estimator; else ``None``.
-        num_forward: calls of the loss function made.
+        num_forward: calls of the loss function made (perturbed members plus baseline).
+        forward_equivalents: the examples those calls processed, in units of the whole batch
+            (equal to ``num_forward`` unless pairs saw only part of the batch).
     """
 
     grads: list[torch.Tensor]
@@ -85,6 +119,11 @@ class SmoothedGradEstimate:
     losses_minus: torch.Tensor | None
     baseline: float | None
     num_forward: int
+    forward_equivalents: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.forward_equivalents is None:
+            self.forward_equivalents = float(self.num_forward)
 
     @property
     def mean_abs_diff(self) -> float:
@@ -127,7 +166,7 @@ def pair_coefficients(
     sigma: float,
     estimator: str = "antithetic",
     baseline: float | None = None,
-    fitness_shaping: bool = False,
+    fitness_shaping: bool | str = False,
 ) -> torch.Tensor:
     """Weights c_i of the noise directions: the estimate is ĝ = Σ_i c_i z_i.
 
@@ -137,9 +176,13 @@ def pair_coefficients(
     * one_sided:  c_i = (L(θ+σz_i) − L(θ)) / (σN)
     * plain:      c_i = L(θ+σz_i) / (σN)
 
-    With ``fitness_shaping`` the losses are first replaced by their centered ranks in [−0.5, 0.5]
-    (jointly over every loss evaluated, as in OpenAI ES); the result then estimates the gradient
-    of a rank-transformed objective, not ∇L_σ: it is biased, but insensitive to the loss scale.
+    With ``fitness_shaping`` the losses are first transformed jointly over every loss evaluated:
+    ``"centered_ranks"`` (or ``True``) replaces them by their centered ranks in [−0.5, 0.5] (OpenAI
+    ES) — the result estimates the gradient of a rank-transformed objective, not ∇L_σ: biased, but
+    insensitive to the loss scale and to outliers; ``"zscore"`` subtracts their mean and divides
+    by their standard deviation s (EGGROLL) — the mean cancels in every difference, so the result
+    is ∇L_σ/s up to the dependence of s on the draws: a step size that adapts to the spread of
+    the losses, which changes the objective's scale from step to step.
     The in-place loop and the batched population path both take their c_i from here.
 
     Args:
@@ -148,7 +191,8 @@ def pair_coefficients(
         sigma: the smoothing scale σ > 0 the losses were evaluated with.
         estimator: ``"antithetic"``, ``"one_sided"`` or ``"plain"``.
         baseline: the clean loss L(θ); required by ``"one_sided"``, ignored by the others.
-        fitness_shaping: replace the losses by their centered ranks (biased; off by default).
+        fitness_shaping: ``False``/``"none"`` (default), ``True``/``"centered_ranks"`` or
+            ``"zscore"``.
 
     Returns:
         c, shape (N,), float64, on the device of ``losses_plus``.
@@ -190,29 +234,39 @@ def pair_coefficients(
                 f"the baseline loss L(θ) is {float(baseline)}; lower the learning rate, or check "
                 "the inputs for NaN", value=float(baseline),
             )
-    return _coefficients(plus, minus, float(sigma), estimator, baseline, fitness_shaping)
+    return _coefficients(
+        plus, minus, float(sigma), estimator, baseline, fitness_shaping_name(fitness_shaping)
+    )
+
+
+def _shape(values: torch.Tensor, shaping: str) -> torch.Tensor:
+    if shaping == "centered_ranks":
+        return centered_ranks(values)
+    if shaping == "zscore":
+        return zscores(values)
+    return values
 
 
 def _coefficients(
     plus: torch.Tensor, minus: torch.Tensor | None, sigma: float, estimator: str,
-    baseline: float | None, fitness_shaping: bool,
+    baseline: float | None, fitness_shaping: bool | str,
 ) -> torch.Tensor:
     """:func:`pair_coefficients` on checked float64 losses; the estimator loop calls it per pair."""
+    shaping = fitness_shaping_name(fitness_shaping)
     n = plus.numel()
     if estimator == "antithetic":
-        if fitness_shaping:
-            ranked = centered_ranks(torch.cat([plus, minus]))
-            plus, minus = ranked[:n], ranked[n:]
+        if shaping != "none":
+            # jointly over all 2N losses, so a pair's difference keeps its sign and relative size
+            shaped = _shape(torch.cat([plus, minus]), shaping)
+            plus, minus = shaped[:n], shaped[n:]
         return (plus - minus) / (2 * sigma * n)
     if estimator == "one_sided":
         base = torch.tensor([float(baseline)], dtype=torch.float64, device=plus.device)
-        if fitness_shaping:
-            ranked = centered_ranks(torch.cat([plus, base]))
-            plus, base = ranked[:n], ranked[n:]
+        if shaping != "none":
+            shaped = _shape(torch.cat([plus, base]), shaping)
+            plus, base = shaped[:n], shaped[n:]
         return (plus - base) / (sigma * n)
-    if fitness_shaping:
-        plus = centered_ranks(plus)
-    return plus / (sigma * n)
+    return _shape(plus, shaping) / (sigma * n)
 
 
 def _check_finite_losses(losses: torch.Tensor, sign: str) -> None:
@@ -302,31 +356,29 @@ def _loss_value(loss_fn: Callable[[], torch.Tensor | float], pair: int | None, s
 
 
 def estimate_smoothed_grad(
-    loss_fn: Callable[[], torch.Tensor | float],
+    loss_fn: Callable[..., torch.Tensor | float],
     params: Sequence[torch.Tensor],
     *,
     sigma: float,
     num_pairs: int,
     seed: int,
     estimator: str = "antithetic",
-    fitness_shaping: bool = False,
+    fitness_shaping: bool | str = False,
+    perturbation: str = "gaussian",
+    rank: int = 1,
+    pair_loss: bool = False,
 ) -> SmoothedGradEstimate:
     """The computation of :func:`smoothed_loss_grad`, returning the losses and forward count too.
 
-    Args:
-        loss_fn: as in :func:`smoothed_loss_grad`.
-        params: as in :func:`smoothed_loss_grad`.
-        sigma: as in :func:`smoothed_loss_grad`.
-        num_pairs: as in :func:`smoothed_loss_grad`.
-        seed: as in :func:`smoothed_loss_grad`.
-        estimator: as in :func:`smoothed_loss_grad`.
-        fitness_shaping: as in :func:`smoothed_loss_grad`.
+    Arguments are those of :func:`smoothed_loss_grad`.
 
     Returns:
         The estimate (``grads``), the losses it was made from and the number of loss calls.
     """
     params = list(params)
     _check_args(params, sigma, num_pairs, seed, estimator)
+    family = Perturbation(perturbation, rank)
+    shaping = fitness_shaping_name(fitness_shaping)
     num_pairs, seed, sigma = int(num_pairs), int(seed), float(sigma)
     device = params[0].device
     sizes = [p.numel() for p in params]
@@ -335,6 +387,10 @@ def estimate_smoothed_grad(
     clean = [p.detach().clone() for p in params]
     noise = torch.empty(total, device=device, dtype=torch.float32)  # z_i, reused for every pair
     noise_views = [z.view(p.shape) for z, p in zip(noise.split(sizes), params)]
+    # the factors z_i is made from: z_i itself for Gaussian noise, A and B for low-rank tensors
+    factors = noise if family.kind == "gaussian" else torch.empty(
+        family.num_factors(params), device=device, dtype=torch.float32
+    )
     accum = torch.zeros(total, device=device, dtype=torch.float32)  # Σ_i c_i z_i
     generator = torch.Generator(device=device)
     plus = torch.empty(num_pairs, dtype=torch.float64)
@@ -344,42 +400,55 @@ def estimate_smoothed_grad(
 
     def draw(i: int) -> None:
         generator.manual_seed(pair_seed(seed, i))
-        draw_noise(params, generator, out=noise)
+        family.draw(params, generator, out=factors)
+        if factors is not noise:
+            family.dense(params, factors, out=noise)
 
     def perturb(scale: float) -> None:
         # p = clean + scale·z, written from the clean copy, so no rounding error builds up
         torch._foreach_copy_(params, clean)
         torch._foreach_add_(params, noise_views, alpha=scale)
 
+    def loss_at(i: int | None, sign: str) -> float:
+        if not pair_loss:
+            return _loss_value(loss_fn, i, sign)
+        return _loss_value(lambda: loss_fn(i), i, sign)
+
     try:
         with torch.no_grad():
             if estimator == "one_sided":
-                baseline = _loss_value(loss_fn, None, "")
+                if pair_loss:
+                    raise ValueError(
+                        "pair_loss (each pair on its own examples) needs one baseline per pair; "
+                        "use estimator='antithetic'"
+                    )
+                baseline = loss_at(None, "")
                 num_forward += 1
             for i in range(num_pairs):
                 draw(i)  # z_i, drawn once: used for +σ, −σ and the accumulation
                 perturb(sigma)
-                plus[i] = _loss_value(loss_fn, i, "+")
+                plus[i] = loss_at(i, "+")
                 num_forward += 1
                 if minus is not None:
                     perturb(-sigma)
-                    minus[i] = _loss_value(loss_fn, i, "-")
+                    minus[i] = loss_at(i, "-")
                     num_forward += 1
-                if not fitness_shaping:
+                if shaping == "none":
                     # c_i needs only this pair's losses: accumulate while z_i is at hand
                     c_i = _coefficients(
                         plus[i : i + 1], None if minus is None else minus[i : i + 1],
-                        sigma, estimator, baseline, fitness_shaping=False,
+                        sigma, estimator, baseline, "none",
                     )
                     accum.add_(noise, alpha=float(c_i) / num_pairs)
     finally:
         with torch.no_grad():
             torch._foreach_copy_(params, clean)  # bit-exact restore, also after an exception
-    if fitness_shaping:
-        # the ranks depend on every loss, so z_i is regenerated from its seed once they are
-        # known (a second generator pass, instead of keeping N noise vectors in memory)
+    if shaping != "none":
+        # the shaped losses depend on every loss, so z_i is regenerated from its seed once they
+        # are known (a second generator pass, instead of keeping N noise vectors in memory)
         coefficients = pair_coefficients(
-            plus, minus, sigma=sigma, estimator=estimator, baseline=baseline, fitness_shaping=True
+            plus, minus, sigma=sigma, estimator=estimator, baseline=baseline,
+            fitness_shaping=shaping,
         )
         for i in range(num_pairs):
             draw(i)
@@ -390,18 +459,22 @@ def estimate_smoothed_grad(
 
 
 def smoothed_loss_grad(
-    loss_fn: Callable[[], torch.Tensor | float],
+    loss_fn: Callable[..., torch.Tensor | float],
     params: Sequence[torch.Tensor],
     *,
     sigma: float,
     num_pairs: int,
     seed: int,
     estimator: str = "antithetic",
-    fitness_shaping: bool = False,
+    fitness_shaping: bool | str = False,
+    perturbation: str = "gaussian",
+    rank: int = 1,
+    pair_loss: bool = False,
 ) -> list[torch.Tensor]:
     r"""Monte-Carlo estimate of ∇L_σ(θ), the gradient of the smoothed loss, from losses only.
 
-    With z_i ~ N(0, I) drawn from ``pair_seed(seed, i)`` (i = 0..N−1, see :func:`draw_noise`):
+    With directions z_i drawn from ``pair_seed(seed, i)`` (i = 0..N−1; N(0, I) by default, see
+    :mod:`robusttrain.zo.perturbations` for the low-rank family):
 
     * ``"antithetic"`` (default): ĝ = 1/(2σN) Σ_i [L(θ+σz_i) − L(θ−σz_i)] z_i  (2N calls)
     * ``"one_sided"``: ĝ = 1/(σN) Σ_i [L(θ+σz_i) − L(θ)] z_i  (N + 1 calls)
@@ -409,23 +482,32 @@ def smoothed_loss_grad(
       unbiased but with a variance that grows with L², for teaching and tests)
 
     All three are unbiased for ∇L_σ (Nesterov & Spokoiny 2017; the antithetic form is OpenAI ES's
-    mirrored sampling, Salimans et al. 2017). ``fitness_shaping=True`` replaces the losses by
-    their centered ranks (OpenAI ES): robust to outliers and loss scale, but *biased* for ∇L_σ.
+    mirrored sampling, Salimans et al. 2017). ``fitness_shaping`` transforms the losses first
+    (centered ranks or z-scores, see :func:`pair_coefficients`): robust to the loss scale, but no
+    longer an unbiased estimate of ∇L_σ itself.
 
     Each z_i is drawn once into one reusable buffer; the parameters are written as clean ± σz_i
     from one saved copy of their clean values (in place, as in MeZO, Malladi et al. 2023) and
     copied back from it, so they return bit for bit.
 
     Args:
-        loss_fn: takes no arguments, returns a scalar loss (tensor or float) computed from the
-            current values of ``params``. Called under ``torch.no_grad()``.
+        loss_fn: takes no arguments (or, with ``pair_loss``, the pair's index), returns a scalar
+            loss (tensor or float) computed from the current values of ``params``. Called under
+            ``torch.no_grad()``.
         params: the floating-point tensors to perturb, in place, all on one device; they hold
             exactly their prior values (bit for bit) when the call returns or raises.
         sigma: smoothing scale σ > 0, in the units of the parameters.
         num_pairs: N, the number of noise directions.
         seed: the estimate is a deterministic function of ``seed`` (local generators only).
         estimator: ``"antithetic"``, ``"one_sided"`` or ``"plain"``.
-        fitness_shaping: use centered ranks of the losses (biased; off by default).
+        fitness_shaping: ``False``/``"none"`` (default), ``True``/``"centered_ranks"`` or
+            ``"zscore"`` (see :func:`pair_coefficients`).
+        perturbation: ``"gaussian"`` (default, dense N(0, I) directions) or ``"lowrank"``
+            (rank-``rank`` directions A Bᵀ/√r on tensors of two or more dimensions, Gaussian on
+            the others; see :mod:`robusttrain.zo.perturbations`).
+        rank: r of the low-rank family (default 1).
+        pair_loss: call ``loss_fn(i)`` with the pair's index, so that each pair can use its own
+            examples (both members of a pair must see the same ones); antithetic and plain only.
 
     Returns:
         One tensor per parameter, same shape and dtype (float32 ones are views into one flat
@@ -450,5 +532,5 @@ def smoothed_loss_grad(
     """
     return estimate_smoothed_grad(
         loss_fn, params, sigma=sigma, num_pairs=num_pairs, seed=seed, estimator=estimator,
-        fitness_shaping=fitness_shaping,
+        fitness_shaping=fitness_shaping, perturbation=perturbation, rank=rank, pair_loss=pair_loss,
     ).grads

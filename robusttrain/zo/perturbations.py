@@ -1,0 +1,181 @@
+r"""Perturbation families: the random directions z_i that the smoothed-loss estimators use.
+
+* ``gaussian`` (the default and the reference): every entry of z is N(0, 1), so the estimators
+  target the exactly Gaussian-smoothed loss L_σ(θ) = E_g[L(θ + σg)].
+* ``lowrank`` (EGGROLL, Sarkar et al. 2025, "Evolution Strategies at the Hyperscale"): a tensor
+  with two or more dimensions is viewed as a matrix W of shape out × in (a conv kernel as
+  out × in·k·k) and perturbed by
+
+      E = A Bᵀ / √r,    A (out × r), B (in × r) with independent N(0, 1) entries.
+
+  E has mean 0 and identity covariance, E[E_ab E_cd] = (1/r) Σ_j E[A_aj A_cj] E[B_bj B_dj]
+  = δ_ac δ_bd, so the low-rank smoothed loss agrees with L_σ to second order in σ (exactly for a
+  quadratic loss); its entries have excess kurtosis 6/r, which shows at fourth order
+  (docs/theory.md). One-dimensional tensors (biases, norm scales) get Gaussian noise.
+
+A member's forward pass through a low-rank-perturbed layer is x Wᵀ ± σ/√r (x B) Aᵀ: the clean
+product is shared by all members and the perturbation costs O((in + out)·r) per example, which is
+what :mod:`robusttrain.zo.population` exploits. The update Σ_i c_i E_i is one matrix product of the
+stacked factors (:meth:`Perturbation.combine`), so no member's dense direction is ever needed.
+
+Layout. Pair i's direction is stored as one flat vector of *factors*, drawn by a single
+``torch.randn`` call from a generator seeded with ``pair_seed(seed, i)``. Tensor after tensor (in
+the order given): a low-rank tensor contributes A (out·r entries, row-major) then B (in·r), any
+other tensor its own entries. For ``gaussian`` the factors *are* the direction, laid out as
+:func:`robusttrain.noise.seeds.draw_noise` lays it out, so the two conventions coincide.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PERTURBATIONS", "Perturbation", "LowRankFactors"]
+
+PERTURBATIONS = ("gaussian", "lowrank")
+
+
+@dataclass(frozen=True)
+class LowRankFactors:
+    """The factors of one tensor's low-rank directions for K pairs.
+
+    Attributes:
+        a: (K, out, r) left factors.
+        b: (K, in, r) right factors (in = product of the tensor's trailing dimensions).
+        scale: 1/√r, so that a direction is ``scale · a[k] @ b[k].T``.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """A family of random directions for a list of tensors.
+
+    Args:
+        kind: ``"gaussian"`` (dense N(0, I)) or ``"lowrank"`` (rank-``rank`` A Bᵀ/√r on tensors
+            with two or more dimensions, Gaussian on the others).
+        rank: r, the rank of each low-rank direction (ignored by ``"gaussian"``).
+
+    Raises:
+        ValueError: an unknown kind or a rank that is not a positive integer.
+    """
+
+    kind: str = "gaussian"
+    rank: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in PERTURBATIONS:
+            raise ValueError(
+                f"unknown perturbation {self.kind!r}; choose one of {', '.join(PERTURBATIONS)}"
+            )
+        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank < 1:
+            raise ValueError(f"rank must be an integer >= 1 (e.g. 1), got {self.rank!r}")
+
+    # ----- layout ---------------------------------------------------------------------------
+    def is_lowrank(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` gets a low-rank direction (low-rank family, two or more dims)."""
+        return self.kind == "lowrank" and tensor.dim() >= 2
+
+    def factor_sizes(self, params: Sequence[torch.Tensor]) -> list[int]:
+        """Number of factor entries per tensor."""
+        sizes = []
+        for p in params:
+            if self.is_lowrank(p):
+                out_f = p.shape[0]
+                sizes.append((out_f + p.numel() // out_f) * self.rank)
+            else:
+                sizes.append(p.numel())
+        return sizes
+
+    def num_factors(self, params: Sequence[torch.Tensor]) -> int:
+        """F, the length of one pair's flat factor vector."""
+        return sum(self.factor_sizes(params))
+
+    def draw(
+        self, params: Sequence[torch.Tensor], generator: torch.Generator,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One pair's factors, (F,) float32, drawn with one ``randn`` call from ``generator``."""
+        total = self.num_factors(params)
+        device = params[0].device
+        if out is None:
+            out = torch.empty(total, device=device, dtype=torch.float32)
+        return torch.randn(total, generator=generator, device=device, dtype=torch.float32, out=out)
+
+    def split(
+        self, params: Sequence[torch.Tensor], factors: torch.Tensor
+    ) -> list[torch.Tensor | LowRankFactors]:
+        """Views of a (K, F) block of factors, one entry per tensor.
+
+        A low-rank tensor gets :class:`LowRankFactors`; any other tensor a (K, *shape) view of
+        its dense directions.
+        """
+        k = factors.shape[0]
+        parts: list[torch.Tensor | LowRankFactors] = []
+        offset = 0
+        scale = 1.0 / math.sqrt(self.rank)
+        for p, size in zip(params, self.factor_sizes(params)):
+            block = factors[:, offset : offset + size]
+            offset += size
+            if self.is_lowrank(p):
+                out_f, r = p.shape[0], self.rank
+                in_f = p.numel() // out_f
+                a = block[:, : out_f * r].unflatten(1, (out_f, r))
+                b = block[:, out_f * r :].unflatten(1, (in_f, r))
+                parts.append(LowRankFactors(a, b, scale))
+            else:
+                parts.append(block.view(k, *p.shape))
+        return parts
+
+    # ----- directions and updates ---------------------------------------------------------
+    def dense(
+        self, params: Sequence[torch.Tensor], factors: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The dense direction z (P,) of one pair's factors (F,), in ``draw_noise``'s layout.
+
+        For ``gaussian`` this is ``factors`` itself (no copy).
+        """
+        if self.kind == "gaussian":
+            return factors
+        total = sum(p.numel() for p in params)
+        if out is None:
+            out = torch.empty(total, device=factors.device, dtype=torch.float32)
+        offset = 0
+        for p, part in zip(params, self.split(params, factors[None])):
+            n = p.numel()
+            target = out[offset : offset + n]
+            if isinstance(part, LowRankFactors):
+                torch.matmul(part.a[0], part.b[0].T, out=target.view(p.shape[0], -1))
+                target.mul_(part.scale)
+            else:
+                target.copy_(part[0].flatten())
+            offset += n
+        return out
+
+    def combine(
+        self, params: Sequence[torch.Tensor], coefficients: torch.Tensor, factors: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Σ_k c_k z_k per tensor, from a (K, F) block of factors and (K,) coefficients.
+
+        For a low-rank tensor this is one matrix product, (A·c)ᵀ-stacked times B-stacked:
+        Σ_k c_k A_k B_kᵀ/√r = [c_1 A_1 … c_K A_K] [B_1 … B_K]ᵀ/√r, never forming a dense E_k.
+        """
+        c = coefficients.to(device=factors.device, dtype=torch.float32)
+        grads = []
+        for p, part in zip(params, self.split(params, factors)):
+            if isinstance(part, LowRankFactors):
+                k, out_f, r = part.a.shape
+                left = (part.a * c[:, None, None]).permute(1, 0, 2).reshape(out_f, k * r)
+                right = part.b.permute(1, 0, 2).reshape(-1, k * r)
+                grads.append((left @ right.T).mul_(part.scale).view(p.shape))
+            else:
+                grads.append((c @ part.flatten(1)).view(p.shape))
+        return grads
