@@ -1,17 +1,21 @@
 """The zeroth-order machinery: gradients of the Gaussian-smoothed loss from forward passes only.
 
+* :mod:`robusttrain.zo.perturbations` — the families of random directions: exact Gaussian, and
+  low-rank A Bᵀ/√r on weight matrices and conv kernels (EGGROLL).
 * :mod:`robusttrain.zo.estimators` — the antithetic, one-sided and plain estimators of ∇L_σ,
   perturbing the parameters in place and restoring them bit for bit.
-* :mod:`robusttrain.zo.population` — the same estimate for MLPs, all perturbed copies in one
-  batched pass.
+* :mod:`robusttrain.zo.population` — the population engine: the same estimate for any network of
+  Linear/Conv2d/norm layers, all perturbed members in one batched pass, every pair on the whole
+  batch (``shared``) or on its own slice of it (``split``).
 
-Both draw their directions with the seeding convention of :mod:`robusttrain.noise.seeds`;
+All draw their directions with the seeding convention of :mod:`robusttrain.noise.seeds`;
 :func:`pair_seed` and :func:`draw_noise` are importable from here too.
 """
 
 from robusttrain.noise.seeds import draw_noise, pair_seed
 from robusttrain.zo.estimators import (
     ESTIMATORS,
+    FITNESS_SHAPINGS,
     NonFiniteLossError,
     SmoothedGradEstimate,
     centered_ranks,
@@ -19,16 +23,25 @@ from robusttrain.zo.estimators import (
     pair_coefficients,
     smoothed_loss_grad,
 )
+from robusttrain.zo.perturbations import PERTURBATIONS, LowRankFactors, Perturbation
 from robusttrain.zo.population import (
+    BATCH_MODES,
     choose_population,
     perturbed_losses,
     population_smoothed_grad,
+    split_rows,
     supports_population,
+    unsupported_reason,
 )
 
 __all__ = [
+    "BATCH_MODES",
     "ESTIMATORS",
+    "FITNESS_SHAPINGS",
+    "LowRankFactors",
     "NonFiniteLossError",
+    "PERTURBATIONS",
+    "Perturbation",
     "SmoothedGradEstimate",
     "centered_ranks",
     "choose_population",
@@ -39,5 +52,7 @@ __all__ = [
     "perturbed_losses",
     "population_smoothed_grad",
     "smoothed_loss_grad",
+    "split_rows",
     "supports_population",
+    "unsupported_reason",
 ]

@@ -1,143 +1,388 @@
-r"""Perturbed losses of many copies of an MLP at once, without touching its parameters.
+r"""The population engine: the losses of many perturbed copies of a network in one batched pass.
 
 The generic estimator (:func:`robusttrain.zo.estimators.estimate_smoothed_grad`) perturbs the weights
-in place and runs 2N ordinary forward passes. For a network of Linear layers there is an exact
-shortcut: the first layer sees the same input x in every perturbed copy, so
+in place and runs 2N ordinary forward passes. For a network whose parameters all sit in Linear,
+Conv2d and normalization layers there is a faster way that never writes a parameter: stack the
+members along the batch dimension and let forward hooks add each member's perturbation to its
+slice of every layer's output,
 
-    x (W ± σZ)ᵀ + (b ± σζ) = (x Wᵀ + b) ± σ (x Zᵀ + ζ),
+    Linear:  h_m (W + s_m E_m)ᵀ + (b + s_m ζ_m) = [h_m Wᵀ + b] + s_m (h_m E_mᵀ + ζ_m),
 
-the clean pre-activation is computed once and each pair's noise term once for both members (one
-GEMM for a whole chunk of pairs). The later, smaller layers run for all members together with
-batched matrix products. Pair i's direction is drawn with the same convention as the generic
-path (``draw_noise`` from ``pair_seed(seed, i)``), so both give the same estimate up to float
-rounding.
+where the bracket is the layer's ordinary output and s_m = ±σ. For a low-rank direction
+E = A Bᵀ/√r the correction is ((h B) Aᵀ)/√r, O((in + out)·r) per example instead of O(in·out)
+(EGGROLL, Sarkar et al. 2025); a Conv2d computes it as a grouped convolution with each member's
+r filters of B, then mixes the r maps with A. Normalization layers add s_m (ζ_m ⊙ n + ξ_m) with
+n the normalized input. Everything else (activations, pooling, residual additions, flattening)
+acts per example and needs no change, so any such network works (MLP, LeNet, ResNet-20 with
+GroupNorm or no norm).
 
-Measured with ``experiments/bench_estimator.py`` on a quiet 2-core CPU (Fashion-MNIST MLP
-784-128-10, batch 256), as a multiple of the time of 2N plain forward passes: N = 16, batched 1.20×
-against 1.94× for the in-place loop; N = 64, 1.39× against 1.99× (drawing the Gaussian noise alone
-costs about a third of that budget). Convolutional networks are not batched (the loop already runs
-LeNet at 1.19×, N = 16), and normalized networks need the loop anyway.
+Members meet the examples in one of two ways (``batch_mode``):
+
+* ``shared``: every pair sees the whole batch. Until the first perturbed layer all members hold
+  the same tensor, so the network runs on the B clean examples once and the first perturbed layer
+  *expands* the batch to its 2N·B member rows; its correction is one GEMM for all pairs.
+* ``split``: pair i sees its own b = ⌊B/N⌋ examples (wrapping around when N > B), both members of
+  the pair the same ones, so a step costs about two plain forward passes of the batch whatever N
+  is. Both modes are unbiased for the gradient of the smoothed *expected* loss: a pair's examples
+  are drawn independently of its direction, so E[(L_x(θ+σz) − L_x(θ−σz)) z]/(2σ) over x and z is
+  ∇E_x L_σ; split trades the examples per pair for more pairs (docs/theory.md).
+
+BatchNorm in training mode normalizes with the statistics of the whole stacked batch, which would
+mix members: the engine refuses it (:func:`supports_population` says why) and the ZO module falls
+back to the in-place loop; BatchNorm in eval mode (running statistics) is per example and works.
+Pair i's factors are drawn exactly as in the loop (``Perturbation.draw`` from
+``pair_seed(seed, i)``), so both paths give the same estimate up to float rounding.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robusttrain.noise.seeds import draw_noise, pair_seed
-from robusttrain.zo.estimators import NonFiniteLossError, SmoothedGradEstimate, pair_coefficients
+from robusttrain.zo.estimators import (
+    NonFiniteLossError,
+    SmoothedGradEstimate,
+    _check_args,
+    fitness_shaping_name,
+    pair_coefficients,
+    pair_seed,
+)
+from robusttrain.zo.perturbations import LowRankFactors, Perturbation
 
-__all__ = ["supports_population", "choose_population", "perturbed_losses",
-           "population_smoothed_grad"]
+__all__ = [
+    "BATCH_MODES",
+    "choose_population",
+    "perturbed_losses",
+    "population_smoothed_grad",
+    "split_rows",
+    "supports_population",
+    "unsupported_reason",
+]
 
-_ELEMENTWISE = (nn.ReLU, nn.Identity, nn.Dropout, nn.Flatten)
+BATCH_MODES = ("shared", "split")
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CHANNEL_NORMS = (nn.GroupNorm, *_BATCHNORMS)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_ROWS_PER_CHUNK = 16384  # member rows evaluated together in shared mode (bounds activation memory)
 
 
-def _layers(model: nn.Module) -> list[nn.Module] | None:
-    net = model if isinstance(model, nn.Sequential) else getattr(model, "net", None)
-    if not isinstance(net, nn.Sequential):
-        return None
-    layers = list(net)
-    while layers and isinstance(layers[0], nn.Flatten):
-        layers = layers[1:]
-    if not layers or not isinstance(layers[0], nn.Linear):
-        return None
-    if not all(isinstance(m, (nn.Linear, *_ELEMENTWISE)) for m in layers):
-        return None
-    # every parameter must belong to a Linear layer of the chain, in model.parameters() order
-    chain = [p for m in layers if isinstance(m, nn.Linear) for p in m.parameters()]
-    if [id(p) for p in chain] != [id(p) for p in model.parameters()]:
-        return None
-    if any(not p.requires_grad for p in chain):
-        return None
-    return layers
+def _trainable(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def unsupported_reason(model: nn.Module, perturbation: Perturbation | None = None) -> str | None:
+    """Why the engine cannot run ``model`` (``None`` when it can).
+
+    Every trainable parameter must be the weight or bias of a Linear, a Conv2d (groups 1, zero
+    padding), a GroupNorm, a LayerNorm over the last dimension, or a BatchNorm in eval mode.
+    """
+    family = perturbation or Perturbation()
+    seen: set[int] = set()
+    for module in model.modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        name = type(module).__name__
+        if any(id(p) in seen for _, p in own):
+            return f"a parameter of {name} is shared with another layer"
+        seen.update(id(p) for _, p in own)
+        if any(n not in ("weight", "bias") for n, _ in own):
+            return f"{name} has parameters other than weight and bias"
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1 or module.padding_mode != "zeros":
+                return f"{name} has groups={module.groups}, padding_mode={module.padding_mode!r}"
+        elif isinstance(module, _BATCHNORMS):
+            if module.training or not module.track_running_stats:
+                return (
+                    f"{name} in training mode normalizes with the statistics of the whole stacked "
+                    "batch, which would mix members; use GroupNorm or no norm, or the in-place loop "
+                    "(population: false)"
+                )
+        elif isinstance(module, nn.LayerNorm):
+            if len(module.normalized_shape) != 1:
+                return "LayerNorm over more than the last dimension"
+        elif not isinstance(module, (nn.Linear, nn.GroupNorm)):
+            return f"{name} holds parameters, and only Linear, Conv2d and norm layers are supported"
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) and any(
+            family.is_lowrank(p) for _, p in own
+        ):
+            return f"{name} has a parameter of two or more dimensions outside a Linear/Conv2d layer"
+    if not seen:
+        return "the model has no trainable parameters"
+    return None
 
 
 def supports_population(model: nn.Module) -> bool:
-    """True for a model that is (or holds as ``.net``) a chain of Linear/ReLU/Dropout layers."""
-    return _layers(model) is not None
+    """True when the population engine can evaluate ``model`` (see :func:`unsupported_reason`)."""
+    return unsupported_reason(model) is None
 
 
 def choose_population(model: nn.Module, device: torch.device | str) -> bool:
-    """Whether :class:`~robusttrain.training.ZerothOrderClassifier` should use this path.
+    """Whether :class:`~robusttrain.training.ZerothOrderClassifier` should use the engine.
 
-    It is exact and was faster wherever it applies in our measurements (CPU), so: whenever the
-    model is supported.
+    It is exact and was at least as fast as the loop wherever it applies in our measurements
+    (``experiments/bench_estimator.py``), so: whenever the model is supported.
     """
     del device
     return supports_population(model)
 
 
+def split_rows(batch_size: int, num_pairs: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Row indices of each pair's examples in ``split`` mode, shape (N, b) with b = max(1, ⌊B/N⌋).
+
+    Pair i takes rows i·b … i·b + b − 1, modulo B (so pairs reuse examples when N > B, and the
+    B − N·b rows left over when N does not divide B are not used in that step).
+    """
+    b = max(1, batch_size // num_pairs)
+    start = torch.arange(num_pairs, device=device)[:, None] * b
+    return (start + torch.arange(b, device=device)) % batch_size
+
+
+class _Layout:
+    """Where each member's rows are in a stacked tensor.
+
+    Before the first perturbed layer a tensor holds ``pre_rows`` rows shared by the members
+    (``shared``: the B examples; ``split``: each pair's b examples, pair after pair); after it,
+    ``signs × pairs × rows`` member rows, ordered sign-major (all + members, then all −).
+    """
+
+    def __init__(self, signs: int, pairs: int, rows: int, split: bool) -> None:
+        self.signs, self.pairs, self.rows = signs, pairs, rows
+        self.pre = (1, pairs if split else 1, rows)
+        self.expanded_rows = signs * pairs * rows
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """(s, k, rows, …) view of ``t``, with (s, k) = (1, 1), (1, K) or (S, K)."""
+        n = t.shape[0]
+        if n == self.expanded_rows:
+            return t.view(self.signs, self.pairs, self.rows, *t.shape[1:])
+        if n == self.pre[0] * self.pre[1] * self.pre[2]:
+            return t.view(*self.pre, *t.shape[1:])
+        raise RuntimeError(
+            f"a layer received {n} rows, expected {self.expanded_rows} (members) or "
+            f"{math.prod(self.pre)} (before the first perturbed layer); the model mixes rows of "
+            "the batch, which the population engine cannot follow: use population: false"
+        )
+
+
+def _linear_delta(hv: torch.Tensor, weight: torch.Tensor | LowRankFactors | None) -> torch.Tensor:
+    """h_m E_mᵀ for (s, k, rows, in) inputs → (s or 1, K, rows, out)."""
+    s, k, rows, in_f = hv.shape
+    if isinstance(weight, LowRankFactors):
+        a, b = weight.a, weight.b  # (K, out, r), (K, in, r)
+        pairs, _, r = b.shape
+        if s == 1 and k == 1:
+            # every pair sees the same rows: (h B) for all pairs is one GEMM, (B, K·r)
+            u = hv[0, 0] @ b.permute(1, 0, 2).reshape(in_f, pairs * r)
+            u = u.view(rows, pairs, r).transpose(0, 1)
+            return torch.bmm(u, a.transpose(1, 2)).mul_(weight.scale)[None]
+        return torch.matmul(torch.matmul(hv, b), a.transpose(1, 2)).mul_(weight.scale)
+    if s == 1 and k == 1:
+        return torch.matmul(hv[0, 0], weight.transpose(1, 2))[None]  # (1, K, rows, out)
+    return torch.matmul(hv, weight.transpose(1, 2))
+
+
+def _conv_delta(
+    module: nn.Conv2d, hv: torch.Tensor, weight: torch.Tensor | LowRankFactors
+) -> torch.Tensor:
+    """conv(h_m, E_m) for (s, k, rows, C, H, W) inputs → (s or 1, K, rows, out, H', W')."""
+    s, k, rows = hv.shape[:3]
+    c, kh, kw = module.weight.shape[1:]
+    conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+    if isinstance(weight, LowRankFactors):
+        pairs, out_f, r = weight.a.shape
+        # each pair's r filters B_j, as conv kernels (K·r, C, kh, kw)
+        filters = weight.b.permute(0, 2, 1).reshape(pairs * r, c, kh, kw)
+        channels = r
+    else:
+        pairs, out_f = weight.shape[:2]
+        filters = weight.reshape(pairs * out_f, c, kh, kw)
+        channels = out_f
+    if s == 1 and k == 1:
+        u = F.conv2d(hv[0, 0], filters, **conv)  # (rows, K·channels, H', W')
+        u = u.view(rows, 1, pairs, channels, *u.shape[2:])
+    else:
+        # one group per member: (rows, s·K·C, H, W) against (s·K·channels, C, kh, kw)
+        h = hv.reshape(s * k, rows, *hv.shape[3:]).transpose(0, 1).reshape(rows, s * k * c,
+                                                                            *hv.shape[4:])
+        u = F.conv2d(h, filters.repeat(s, 1, 1, 1), groups=s * k, **conv)
+        u = u.view(rows, s, k, channels, *u.shape[2:])
+    if isinstance(weight, LowRankFactors):
+        # mix the r maps with A: (rows, s, K, r, H', W') × (K, out, r) → (s, K, rows, out, H', W')
+        return torch.einsum("nskrhw,kor->sknohw", u, weight.a).mul_(weight.scale)
+    return u.permute(1, 2, 0, 3, 4, 5)
+
+
+def _normalized(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The input of a norm layer, normalized but not yet scaled and shifted."""
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(h, module.num_groups, eps=module.eps)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(h, module.normalized_shape, eps=module.eps)
+    shape = [1, -1] + [1] * (h.dim() - 2)
+    mean = module.running_mean.view(shape)
+    return (h - mean) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+
+
+def _channel_view(vector: torch.Tensor, module: nn.Module, member_dims: int) -> torch.Tensor:
+    """(K, C) → a view that broadcasts against (s, K, rows, …) member tensors of ``member_dims``."""
+    k, c = vector.shape
+    if isinstance(module, (nn.Linear, nn.LayerNorm)):  # channels last
+        return vector.view(1, k, *[1] * (member_dims - 3), c)
+    return vector.view(1, k, 1, c, *[1] * (member_dims - 4))  # channels in dim 1 of the rows
+
+
+def _linear_lowrank_members(
+    hv: torch.Tensor, output: torch.Tensor, weight: LowRankFactors | None,
+    bias: torch.Tensor | None, layout: _Layout, signs: torch.Tensor,
+) -> torch.Tensor:
+    """A Linear layer's member outputs for low-rank (or bias-only) perturbations, fused.
+
+    The correction s_m (h_m B_m A_mᵀ/√r + ζ_m) is written as left @ rightᵀ with
+    left = [h_m B_m, 1] and right = s_m [A_m/√r, ζ_m], and added by one ``baddbmm`` straight into
+    the output (in place once the members are expanded), so no correction tensor of the
+    output's size is ever made.
+    """
+    s, k, rows, in_f = hv.shape
+    pairs, out_f = layout.pairs, output.shape[-1]
+    left, right = [], []
+    if weight is not None:
+        b = weight.b  # (K, in, r)
+        r = b.shape[-1]
+        if s == 1 and k == 1:  # every pair sees the same rows: h B for all pairs in one GEMM
+            u = (hv[0, 0] @ b.permute(1, 0, 2).reshape(in_f, pairs * r)).view(rows, pairs, r)
+            u = u.transpose(0, 1)[None]
+        else:
+            u = torch.matmul(hv, b)  # (s, K, rows, r)
+        left.append(u)
+        right.append(weight.a * weight.scale)  # (K, out, r)
+    if bias is not None:
+        left.append(hv.new_ones(()).expand(*(left[0].shape[:-1] if left else (s, k, rows)), 1))
+        right.append(bias[..., None])
+    left_t = left[0] if len(left) == 1 else torch.cat(
+        [t.expand(*left[0].shape[:-1], t.shape[-1]) for t in left], dim=-1)
+    left_t = left_t.expand(left_t.shape[0], pairs, *left_t.shape[2:])
+    right_t = torch.cat(right, dim=-1) if len(right) > 1 else right[0]
+    right_signed = signs.view(-1, 1, 1, 1) * right_t[None]  # (S, K, out, r')
+    if output.shape[0] == layout.expanded_rows:  # the members are already expanded
+        view = output.view(layout.signs * pairs, rows, out_f)
+        view.baddbmm_(left_t.reshape(-1, rows, left_t.shape[-1]),
+                      right_signed.reshape(-1, out_f, right_t.shape[-1]).transpose(1, 2))
+        return output
+    result = output.new_empty(layout.signs, pairs, rows, out_f)
+    clean = output.view(k, rows, out_f)
+    for j in range(layout.signs):
+        torch.baddbmm(clean, left_t[0], right_signed[j].transpose(1, 2), out=result[j])
+    return result.view(layout.expanded_rows, out_f)
+
+
+def _make_hook(
+    module: nn.Module, parts: dict[str, torch.Tensor | LowRankFactors], layout: _Layout,
+    signs: torch.Tensor,
+) -> Callable[..., torch.Tensor]:
+    weight, bias = parts.get("weight"), parts.get("bias")
+    fused = isinstance(module, nn.Linear) and (weight is None or isinstance(weight, LowRankFactors))
+
+    def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        hv = layout.view(inputs[0])
+        if fused:
+            return _linear_lowrank_members(hv, output, weight, bias, layout, signs)
+        out = layout.view(output)
+        delta = None
+        if isinstance(module, _CHANNEL_NORMS + (nn.LayerNorm,)):
+            if weight is not None:
+                n = layout.view(_normalized(module, inputs[0]))
+                delta = _channel_view(weight, module, n.dim()) * n
+        elif weight is not None:
+            delta = (_linear_delta(hv, weight) if isinstance(module, nn.Linear)
+                     else _conv_delta(module, hv, weight))
+        if bias is not None:
+            shift = _channel_view(bias, module, out.dim())
+            delta = shift if delta is None else delta + shift
+        result = out + signs.view(-1, *[1] * (out.dim() - 1)) * delta
+        shape = (layout.expanded_rows, *output.shape[1:])
+        return result.expand(layout.signs, layout.pairs, *result.shape[2:]).reshape(shape)
+
+    return hook
+
+
 def perturbed_losses(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, sigma: float,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    factors: torch.Tensor,
+    *,
+    sigma: float,
+    perturbation: Perturbation | None = None,
     antithetic: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Mean cross-entropy of the copies θ + σz_k (and θ − σz_k) for a block of directions.
+    rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean cross-entropy of the members θ + σz_k (and θ − σz_k) for a block of K pairs.
 
     Args:
-        model: a supported model (see :func:`supports_population`); its parameters are not changed.
-        x: input batch.
-        y: targets.
-        noise: (K, P) directions in the ``draw_noise`` layout of ``model.parameters()``.
+        model: a supported model (:func:`unsupported_reason`); its parameters are only read.
+        x: input batch (B, …).
+        y: targets (B,).
+        factors: (K, F) factors in the layout of ``perturbation`` over the model's trainable
+            parameters.
         sigma: perturbation scale.
+        perturbation: the family the factors belong to (default Gaussian).
         antithetic: also evaluate θ − σz_k.
+        rows: (K, b) row indices of each pair's examples (``split`` mode, see :func:`split_rows`);
+            ``None``: every pair sees the whole batch.
 
     Returns:
-        (losses_plus (K,), losses_minus (K,) or None, clean loss (scalar)).
+        (losses_plus (K,), losses_minus (K,) or ``None``).
     """
-    layers = _layers(model)
-    if layers is None:
+    family = perturbation or Perturbation()
+    reason = unsupported_reason(model, family)
+    if reason is not None:
         raise ValueError(
-            f"{type(model).__name__} is not a chain of Linear/ReLU/Dropout layers; use "
-            "robusttrain.zo.estimators.estimate_smoothed_grad for it"
+            f"the population engine cannot run {type(model).__name__}: {reason}. Use "
+            "robusttrain.zo.estimators.estimate_smoothed_grad (population: false) for it"
         )
-    k = noise.shape[0]
-    signs = (1.0, -1.0) if antithetic else (1.0,)
-    members = len(signs) * k
-    offset = 0
-    h = x.flatten(1)
-    clean = h
-    first = True
-    for layer in layers:
-        if not isinstance(layer, nn.Linear):
-            if isinstance(layer, nn.ReLU):
-                # h is this function's own buffer by now (the chain starts with a Linear layer)
-                h, clean = F.relu_(h), F.relu(clean)
-            continue
-        out_f, in_f = layer.weight.shape
-        # (K, out, in) view of each direction's block; rows are P apart, no copy
-        z_w = noise[:, offset : offset + out_f * in_f].unflatten(1, (out_f, in_f))
-        offset += out_f * in_f
-        z_b = None
-        if layer.bias is not None:
-            z_b = noise[:, offset : offset + out_f]
-            offset += out_f
-        clean = F.linear(clean, layer.weight, layer.bias)
-        if first:
-            # x Zᵀ for every direction at once (K, B, out): once for both members of a pair
-            delta = torch.matmul(h, z_w.transpose(1, 2))
-            if z_b is not None:
-                delta += z_b[:, None, :]
-            h = torch.empty((members, *clean.shape), dtype=clean.dtype, device=clean.device)
-            for j, sign in enumerate(signs):
-                torch.add(clean, delta, alpha=sign * sigma, out=h[j * k : (j + 1) * k])
-            first = False
-        else:
-            w = torch.cat([layer.weight + sign * sigma * z_w for sign in signs])
-            if z_b is not None:
-                b = torch.cat([layer.bias + sign * sigma * z_b for sign in signs])
-                h = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
-            else:
-                h = torch.bmm(h, w.transpose(1, 2))
-    logits = h  # (members, B, classes)
-    losses = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), y.repeat(members), reduction="none"
-    ).view(members, -1).mean(dim=1)
-    clean_loss = F.cross_entropy(clean, y)
+    params = _trainable(model)
+    parts = dict(zip(map(id, params), family.split(params, factors)))
+    k = factors.shape[0]
+    sign_values = [sigma, -sigma] if antithetic else [sigma]
+    signs = torch.tensor(sign_values, dtype=x.dtype, device=x.device)
+    if rows is None:
+        layout = _Layout(len(sign_values), k, x.shape[0], split=False)
+        inputs, targets = x, y.repeat(len(sign_values) * k)
+    else:
+        layout = _Layout(len(sign_values), k, rows.shape[1], split=True)
+        inputs = x[rows.flatten()]
+        targets = y[rows.flatten()].repeat(len(sign_values))
+    handles = []
+    # dropout would give the two members of a pair different networks: off in perturbed passes
+    dropout = [m for m in model.modules() if isinstance(m, _DROPOUTS) and m.training]
+    try:
+        for m in dropout:
+            m.eval()
+        for module in model.modules():
+            own = {n: parts[id(p)] for n, p in module.named_parameters(recurse=False)
+                   if id(p) in parts}
+            if own:
+                handles.append(module.register_forward_hook(_make_hook(module, own, layout, signs)))
+        logits = model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m in dropout:
+            m.train()
+    if logits.shape[0] != layout.expanded_rows:
+        raise RuntimeError(
+            f"the model returned {logits.shape[0]} rows, expected {layout.expanded_rows}: no "
+            "perturbed layer was on the path from input to output"
+        )
+    losses = F.cross_entropy(logits, targets, reduction="none").view(-1, layout.rows).mean(dim=1)
     if antithetic:
-        return losses[:k], losses[k:], clean_loss
-    return losses, None, clean_loss
+        return losses[:k], losses[k:]
+    return losses, None
 
 
 def population_smoothed_grad(
@@ -149,83 +394,119 @@ def population_smoothed_grad(
     num_pairs: int,
     seed: int,
     estimator: str = "antithetic",
-    fitness_shaping: bool = False,
+    fitness_shaping: bool | str = False,
+    perturbation: str = "gaussian",
+    rank: int = 1,
+    batch_mode: str = "shared",
     chunk_size: int | None = None,
 ) -> SmoothedGradEstimate:
-    """The estimate of :func:`~robusttrain.zo.estimators.smoothed_loss_grad` for an MLP, batched.
+    """The estimate of :func:`~robusttrain.zo.estimators.smoothed_loss_grad`, batched.
 
     The loss is the mean cross-entropy of ``model(x)`` against ``y``. Same directions, same
-    coefficients (:func:`~robusttrain.zo.estimators.pair_coefficients`) as the generic path; the
-    parameters are only read. ``"plain"`` is not batched (use the generic path).
+    coefficients (:func:`~robusttrain.zo.estimators.pair_coefficients`) as the in-place loop; the
+    parameters are only read. ``"plain"`` is not batched (use the loop).
 
     Args:
-        model: a supported model (see :func:`supports_population`).
+        model: a supported model (see :func:`unsupported_reason`).
         x: input batch.
         y: targets.
         sigma: smoothing scale σ > 0.
         num_pairs: N.
-        seed: as in the generic path.
-        estimator: ``"antithetic"`` or ``"one_sided"``.
-        fitness_shaping: centered ranks (biased; off by default).
-        chunk_size: pairs evaluated together (bounds memory); default min(N, 32).
+        seed: as in the loop.
+        estimator: ``"antithetic"`` or ``"one_sided"`` (``shared`` mode only).
+        fitness_shaping: as in :func:`~robusttrain.zo.estimators.pair_coefficients`.
+        perturbation: ``"gaussian"`` or ``"lowrank"``.
+        rank: r of the low-rank family.
+        batch_mode: ``"shared"`` (every pair sees the batch) or ``"split"`` (pair i sees its own
+            ⌊B/N⌋ examples, see :func:`split_rows`).
+        chunk_size: pairs evaluated together (bounds memory); default: as many as keep the
+            stacked batch near 16,384 member rows (all pairs at once in ``split`` mode).
+
+    Returns:
+        The estimate; ``num_forward`` counts member forward passes (2N, plus 1 for the one-sided
+        baseline) and ``forward_equivalents`` the examples they processed, in batches of B.
     """
+    params = _trainable(model)
+    _check_args(params, sigma, num_pairs, seed, estimator)
     if estimator not in ("antithetic", "one_sided"):
         raise ValueError(
             f"the batched path supports 'antithetic' and 'one_sided', not {estimator!r}"
         )
-    params = list(model.parameters())
-    if not supports_population(model):
+    if batch_mode not in BATCH_MODES:
+        raise ValueError(f"batch_mode must be one of {', '.join(BATCH_MODES)}, got {batch_mode!r}")
+    if batch_mode == "split" and estimator != "antithetic":
         raise ValueError(
-            f"{type(model).__name__} is not a chain of Linear/ReLU/Dropout layers; use "
-            "robusttrain.zo.estimators.estimate_smoothed_grad for it"
+            "batch_mode 'split' needs estimator 'antithetic' (a one-sided pair would need a "
+            "baseline on its own examples)"
         )
-    chunk = min(num_pairs, chunk_size or 32)
-    total = sum(p.numel() for p in params)
-    device = params[0].device
+    family = Perturbation(perturbation, rank)
+    shaping = fitness_shaping_name(fitness_shaping)
+    reason = unsupported_reason(model, family)
+    if reason is not None:
+        raise ValueError(
+            f"the population engine cannot run {type(model).__name__}: {reason}. Use "
+            "robusttrain.zo.estimators.estimate_smoothed_grad (population: false) for it"
+        )
+    num_pairs, seed, sigma = int(num_pairs), int(seed), float(sigma)
     antithetic = estimator == "antithetic"
+    signs = 2 if antithetic else 1
+    batch = x.shape[0]
+    all_rows = split_rows(batch, num_pairs, x.device) if batch_mode == "split" else None
+    rows_per_member = batch if all_rows is None else all_rows.shape[1]
+    if chunk_size is None:
+        chunk = num_pairs if all_rows is not None else _ROWS_PER_CHUNK // (signs * batch)
+    else:
+        chunk = chunk_size
+    chunk = max(1, min(num_pairs, chunk))
+    device = params[0].device
     generator = torch.Generator(device=device)
-    block = torch.empty(chunk, total, device=device, dtype=torch.float32)
+    block = torch.empty(chunk, family.num_factors(params), device=device, dtype=torch.float32)
     plus_all, minus_all, blocks = [], [], []
     baseline = None
-    accum = torch.zeros(total, device=device, dtype=torch.float32)
+    grads = [torch.zeros(p.shape, device=device, dtype=torch.float32) for p in params]
     with torch.no_grad():
+        if not antithetic:
+            baseline = float(F.cross_entropy(model(x), y))
+            if not math.isfinite(baseline):
+                raise NonFiniteLossError(
+                    f"the baseline loss L(θ) is {baseline}; lower the learning rate, or check the "
+                    "inputs for NaN", value=baseline,
+                )
         for start in range(0, num_pairs, chunk):
             k = min(chunk, num_pairs - start)
             z = block[:k]
             for j in range(k):
                 generator.manual_seed(pair_seed(seed, start + j))
-                draw_noise(params, generator, out=z[j])
-            plus, minus, clean_loss = perturbed_losses(model, x, y, z, sigma, antithetic)
-            for name, values in (("+", plus), ("-", minus)):
+                family.draw(params, generator, out=z[j])
+            plus, minus = perturbed_losses(
+                model, x, y, z, sigma=sigma, perturbation=family, antithetic=antithetic,
+                rows=None if all_rows is None else all_rows[start : start + k],
+            )
+            for sign, values in (("+", plus), ("-", minus)):
                 if values is not None and not torch.isfinite(values).all():
                     bad = int((~torch.isfinite(values)).nonzero()[0])
                     raise NonFiniteLossError(
-                        f"the loss is {float(values[bad])} at pair {start + bad}, {name}sigma; "
-                        "lower the learning rate or sigma, or check the inputs for NaN"
+                        f"the loss is {float(values[bad])} at pair {start + bad}, {sign}sigma; "
+                        "lower the learning rate or sigma, or check the inputs for NaN",
+                        pair=start + bad, sign=sign, value=float(values[bad]),
                     )
-            baseline = float(clean_loss)
-            plus_all.append(plus.double().cpu())
+            plus, minus = plus.double().cpu(), None if minus is None else minus.double().cpu()
+            plus_all.append(plus)
             if minus is not None:
-                minus_all.append(minus.double().cpu())
-            if fitness_shaping:
-                blocks.append(z.clone())
+                minus_all.append(minus)
+            if shaping != "none":
+                blocks.append(z.clone())  # the shaped losses need every pair's loss first
                 continue
-            c = pair_coefficients(
-                plus.double().cpu(), None if minus is None else minus.double().cpu(),
-                sigma=sigma, estimator=estimator, baseline=baseline,
-            ) * (k / num_pairs)
-            accum.add_(c.float().to(device) @ z)
+            c = pair_coefficients(plus, minus, sigma=sigma, estimator=estimator,
+                                  baseline=baseline) * (k / num_pairs)
+            torch._foreach_add_(grads, family.combine(params, c, z))
         plus_t = torch.cat(plus_all)
         minus_t = torch.cat(minus_all) if antithetic else None
-        if fitness_shaping:
+        if shaping != "none":
             c = pair_coefficients(plus_t, minus_t, sigma=sigma, estimator=estimator,
-                                  baseline=baseline, fitness_shaping=True)
-            accum = c.float().to(device) @ torch.cat(blocks)
-    grads, offset = [], 0
-    for p in params:
-        grads.append(accum[offset : offset + p.numel()].view(p.shape).to(p.dtype).clone())
-        offset += p.numel()
-    num_forward = (2 if antithetic else 1) * num_pairs + (0 if antithetic else 1)
-    return SmoothedGradEstimate(
-        grads, plus_t, minus_t, None if antithetic else baseline, num_forward
-    )
+                                  baseline=baseline, fitness_shaping=shaping)
+            grads = family.combine(params, c, torch.cat(blocks))
+    grads = [g.to(p.dtype) for g, p in zip(grads, params)]
+    num_forward = signs * num_pairs + (0 if antithetic else 1)
+    equivalents = (signs * num_pairs * rows_per_member + (0 if antithetic else batch)) / batch
+    return SmoothedGradEstimate(grads, plus_t, minus_t, baseline, num_forward, equivalents)
