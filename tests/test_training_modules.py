@@ -210,3 +210,68 @@ def test_non_finite_perturbed_loss_stops_or_skips(tmp_path):
             assert model._skipped_steps == 2
         # the weights were never touched by a non-finite step
         assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("batch_mode", ["shared", "split"])
+def test_lowrank_zeroth_order_learns_and_both_paths_agree(tmp_path, batch_mode):
+    # low-rank directions through the population engine and through the in-place loop give the
+    # same run up to float rounding, in both ways of meeting the examples; both learn the blobs
+    train, val = loaders()
+    results = {}
+    for population in (False, True):
+        torch.manual_seed(0)
+        model = ZerothOrderClassifier(
+            MLP(8, [16], 3), optimizer=sgd(0.02, momentum=0.9, nesterov=True), sigma=0.01,
+            num_pairs=16, perturbation="lowrank", rank=1, batch_mode=batch_mode,
+            population=population,
+        )
+        t = trainer(tmp_path, max_epochs=5, enable_checkpointing=False)
+        t.fit(model, train, val)
+        results[population] = (float(t.callback_metrics["val/acc"]),
+                               torch.cat([p.detach().flatten() for p in model.parameters()]),
+                               model._forward_passes)
+    assert results[True][0] > 0.9
+    assert torch.allclose(results[False][1], results[True][1], atol=1e-4)
+    # forward-pass equivalents: 30 steps of (2N member passes of B or of B/N examples) + 1 clean
+    per_step = 2 * 16 + 1 if batch_mode == "shared" else 2 + 1
+    assert results[True][2] == pytest.approx(5 * 6 * per_step)
+    assert results[False][2] == pytest.approx(results[True][2])
+
+
+def test_zscore_fitness_shaping_learns_in_split_mode(tmp_path):
+    # z-scored losses (EGGROLL's recipe): each pair sees 4 of the 64 examples, and the step size
+    # is set by the learning rate alone, whatever the spread of the losses
+    train, val = loaders()
+    torch.manual_seed(0)
+    model = ZerothOrderClassifier(
+        MLP(8, [16], 3), optimizer=sgd(0.002, momentum=0.9), sigma=0.01, num_pairs=32,
+        perturbation="lowrank", batch_mode="split", fitness_shaping="zscore",
+    )
+    t = trainer(tmp_path, max_epochs=5, enable_checkpointing=False)
+    t.fit(model, train, val)
+    assert t.callback_metrics["val/acc"] > 0.9
+
+
+@pytest.mark.parametrize("bad", [dict(perturbation="sparse"), dict(perturbation="lowrank", rank=0),
+                                 dict(batch_mode="halves"), dict(fitness_shaping="softmax"),
+                                 dict(batch_mode="split", estimator="one_sided")])
+def test_zeroth_order_rejects_bad_family_settings(bad):
+    with pytest.raises(ValueError, match="perturbation|rank|batch_mode|fitness_shaping|split"):
+        ZerothOrderClassifier(MLP(8, [16], 3), **bad)
+
+
+def test_population_true_on_batchnorm_in_training_mode_says_why(tmp_path):
+    from robusttrain.models import ResNet20
+
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    model = ZerothOrderClassifier(ResNet20(10, norm="batch", width=4), optimizer=sgd(0.01),
+                                  num_pairs=2, population=True)
+    t = trainer(tmp_path, max_steps=1, enable_checkpointing=False, limit_val_batches=0)
+    with pytest.raises(ValueError, match="BatchNorm2d in training mode.*population: null"):
+        t.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
+    # population: null picks the in-place loop for it and trains
+    auto = ZerothOrderClassifier(ResNet20(10, norm="batch", width=4), optimizer=sgd(0.01),
+                                 num_pairs=2, population=None)
+    trainer(tmp_path, max_steps=1, enable_checkpointing=False, limit_val_batches=0).fit(
+        auto, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert auto.global_step == 1

@@ -31,11 +31,18 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from robusttrain.noise.seeds import draw_noise, pair_seed
 from robusttrain.training.checkpoints import CHECKPOINT_FORMAT
-from robusttrain.zo.estimators import NonFiniteLossError, estimate_smoothed_grad
+from robusttrain.zo.estimators import (
+    NonFiniteLossError,
+    estimate_smoothed_grad,
+    fitness_shaping_name,
+)
+from robusttrain.zo.perturbations import Perturbation
 from robusttrain.zo.population import (
+    BATCH_MODES,
     choose_population,
     population_smoothed_grad,
-    supports_population,
+    split_rows,
+    unsupported_reason,
 )
 
 __all__ = [
@@ -223,10 +230,20 @@ class ZerothOrderClassifier(Classifier):
         num_pairs: antithetic pairs N per step (2N perturbed forward passes).
         estimator: ``"antithetic"``, ``"one_sided"`` or ``"plain"`` (see
             :func:`robusttrain.zo.estimators.smoothed_loss_grad`).
-        fitness_shaping: use centered ranks instead of raw losses (biased for ∇L_σ; off by default).
+        fitness_shaping: transform the losses before weighting the directions: ``false``/``none``
+            (default, unbiased for ∇L_σ), ``true``/``centered_ranks`` or ``zscore`` (scale-free
+            steps; see :func:`robusttrain.zo.estimators.pair_coefficients`).
+        perturbation: ``"gaussian"`` (default: exact Gaussian smoothing) or ``"lowrank"``
+            (rank-``rank`` directions on Linear/Conv weights, EGGROLL; see
+            :mod:`robusttrain.zo.perturbations`).
+        rank: r of the low-rank directions.
+        batch_mode: ``"shared"`` (every pair sees the whole batch) or ``"split"`` (pair i sees
+            its own ⌊B/N⌋ examples, so a step costs about two forward passes of the batch
+            whatever N is; antithetic only).
         seed: base seed of the perturbations.
-        population: evaluate all perturbed copies in one batched pass (exact, faster for
-            MLP backbones); ``None`` chooses automatically.
+        population: evaluate all perturbed copies in one batched pass (exact; any network of
+            Linear/Conv2d/norm layers, see :mod:`robusttrain.zo.population`); ``None`` uses it
+            whenever the backbone is supported (not with BatchNorm in training mode).
         skip_nonfinite: when a perturbed loss is NaN/inf, skip the step (and count it in
             ``zo/skipped_steps``) instead of stopping the run.
     """
@@ -242,7 +259,10 @@ class ZerothOrderClassifier(Classifier):
         sigma: float = 0.01,
         num_pairs: int = 16,
         estimator: Literal["antithetic", "one_sided", "plain"] = "antithetic",
-        fitness_shaping: bool = False,
+        fitness_shaping: bool | Literal["none", "centered_ranks", "zscore"] = False,
+        perturbation: Literal["gaussian", "lowrank"] = "gaussian",
+        rank: int = 1,
+        batch_mode: Literal["shared", "split"] = "shared",
         seed: int = 0,
         population: bool | None = None,
         skip_nonfinite: bool = False,
@@ -252,10 +272,22 @@ class ZerothOrderClassifier(Classifier):
             raise ValueError(f"sigma must be a positive number, got {sigma}")
         if not isinstance(num_pairs, int) or num_pairs < 1:
             raise ValueError(f"num_pairs must be an integer >= 1, got {num_pairs}")
+        Perturbation(perturbation, rank)  # checks both, with a message naming the fix
+        fitness_shaping_name(fitness_shaping)
+        if batch_mode not in BATCH_MODES:
+            raise ValueError(f"batch_mode must be one of {', '.join(BATCH_MODES)}, got {batch_mode!r}")
+        if batch_mode == "split" and estimator != "antithetic":
+            raise ValueError(
+                f"batch_mode 'split' needs estimator 'antithetic', got {estimator!r} (a pair on its "
+                "own examples needs its own baseline, which only the antithetic pair gives)"
+            )
         self.sigma = sigma
         self.num_pairs = num_pairs
         self.estimator = estimator
         self.fitness_shaping = fitness_shaping
+        self.perturbation = perturbation
+        self.rank = rank
+        self.batch_mode = batch_mode
         self.seed = seed
         self.population = population
         self.skip_nonfinite = skip_nonfinite
@@ -268,10 +300,11 @@ class ZerothOrderClassifier(Classifier):
             return False
         if self.population is None:
             return choose_population(self.backbone, self.device)
-        if not supports_population(self.backbone):
+        reason = unsupported_reason(self.backbone, Perturbation(self.perturbation, self.rank))
+        if reason is not None:
             raise ValueError(
-                f"population=True needs a backbone of plain Linear/Conv2d layers; "
-                f"{type(self.backbone).__name__} is not one. Use population: null"
+                f"population=True cannot run {type(self.backbone).__name__}: {reason}. Use "
+                "population: null (chooses the in-place loop for it)"
             )
         return True
 
@@ -289,11 +322,22 @@ class ZerothOrderClassifier(Classifier):
             "seed": seed,
             "estimator": self.estimator,
             "fitness_shaping": self.fitness_shaping,
+            "perturbation": self.perturbation,
+            "rank": self.rank,
         }
         try:
             with frozen_stochastic_layers(self.backbone):
                 if self._use_population():
-                    estimate = population_smoothed_grad(self.backbone, x, y, **options)
+                    estimate = population_smoothed_grad(
+                        self.backbone, x, y, batch_mode=self.batch_mode, **options
+                    )
+                elif self.batch_mode == "split":
+                    rows = split_rows(x.shape[0], self.num_pairs, x.device)
+                    estimate = estimate_smoothed_grad(
+                        lambda i: F.cross_entropy(self.backbone(x[rows[i]]), y[rows[i]]), params,
+                        pair_loss=True, **options,
+                    )
+                    estimate.forward_equivalents = 2 * rows.numel() / x.shape[0]
                 else:
                     estimate = estimate_smoothed_grad(
                         lambda: F.cross_entropy(self.backbone(x), y), params, **options
@@ -305,7 +349,8 @@ class ZerothOrderClassifier(Classifier):
             self.log("zo/skipped_steps", float(self._skipped_steps))
             self.print(f"step {self.global_step}: skipped ({err})")
             return
-        self._forward_passes += estimate.num_forward + 1
+        # in units of forward passes of the whole batch (a split step sees each example twice)
+        self._forward_passes += estimate.forward_equivalents + 1
         grads = estimate.grads
         if self.trainer.world_size > 1:
             # every process used the same directions on its own shard of the batch: the mean of
@@ -326,7 +371,8 @@ class ZerothOrderClassifier(Classifier):
 
     def robusttrain_meta(self) -> dict[str, Any]:
         meta = super().robusttrain_meta()
-        meta.update(sigma=self.sigma, num_pairs=self.num_pairs, estimator=self.estimator)
+        meta.update(sigma=self.sigma, num_pairs=self.num_pairs, estimator=self.estimator,
+                    perturbation=self.perturbation, rank=self.rank, batch_mode=self.batch_mode)
         return meta
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -336,7 +382,7 @@ class ZerothOrderClassifier(Classifier):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("robusttrain", {})
-        self._forward_passes = int(meta.get("forward_passes", 0))
+        self._forward_passes = float(meta.get("forward_passes", 0))
         self._skipped_steps = int(meta.get("skipped_steps", 0))
 
 
