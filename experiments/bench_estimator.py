@@ -1,17 +1,25 @@
-"""Speed and memory of one smoothed-gradient estimate, against the forward-pass limit and EvoTorch.
+"""Speed and memory of one smoothed-gradient estimate against plain forwards, backprop and EvoTorch.
 
-    python experiments/bench_estimator.py            # full run (about 2 minutes on 2 cores)
-    python experiments/bench_estimator.py --quick    # a few seconds, to check that it runs
+    python experiments/bench_estimator.py            # full run (about 5 minutes on 2 cores)
+    python experiments/bench_estimator.py --quick    # under a minute, to check that it runs
 
-For the Fashion-MNIST MLP (784-128-10) and the LeNet CNN on a batch of 256, with N = 16 and 64
-antithetic pairs, it prints the median time of one estimate (noise generation included) for the
-in-place loop (`estimate_smoothed_grad`) and, where it applies, the batched path
-(`population_smoothed_grad`); that time divided by the time of 2N plain forward passes of the same
-model on the same batch, measured side by side in the same process (the forward-pass limit); and
-the peak resident memory of a fresh process doing only that (VmHWM from /proc, so it includes the
-interpreter and torch, about 300 MB; compare the rows with the forward-only row). When EvoTorch is
-installed (`pip install 'robusttrain[evotorch]'`), it times one PGPE step with symmetric sampling
-(population 2N) on the same network and batch in the same run.
+For the Fashion-MNIST MLP (784-128-10) and the LeNet CNN on a batch of 256 it prints the median
+time of one estimate (noise generation included), each measured side by side in the same process
+with its reference:
+
+* Gaussian directions, N = 16 and 64 pairs, through the in-place loop (`estimate_smoothed_grad`)
+  and the population engine (`population_smoothed_grad`), against 2N plain forward passes of the
+  same model on the same batch (the forward-pass limit of the loop);
+* rank-1 low-rank directions, N = 1,024 pairs, every pair on the whole batch (`shared`), against
+  2N plain forward passes;
+* rank-1 low-rank directions, N = 128 pairs, each on its own 2 of the 256 examples (`split`),
+  against one backprop step (forward + backward) on the same batch;
+
+and the peak resident memory of a fresh process doing only that (VmHWM from /proc, so it includes
+the interpreter and torch, about 300 MB; compare with the forward-only rows; the engine evaluates
+pairs in chunks of about 16,384 member rows, so its memory stops growing with N once N·B passes
+that). When EvoTorch is installed (`pip install 'robusttrain[evotorch]'`), it times one PGPE step
+with symmetric sampling (population 2N) on the same network and batch in the same run.
 
 Inputs are the first 256 Fashion-MNIST test images (read from FASHION_DIR with a tiny IDX reader),
 or, with --random, random tensors of the same shape (timing does not depend on pixel values).
@@ -34,7 +42,7 @@ import torch.nn.functional as F
 
 from robusttrain.models import MLP, LeNet
 from robusttrain.zo.estimators import estimate_smoothed_grad
-from robusttrain.zo.population import population_smoothed_grad, supports_population
+from robusttrain.zo.population import population_smoothed_grad
 
 BATCH = 256
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -75,6 +83,15 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+# (path, family, batch mode) of each estimator row; "forward" and "backprop" are the references
+ESTIMATES = {
+    "loop": ("gaussian", "shared"),
+    "batched": ("gaussian", "shared"),
+    "lowrank": ("lowrank", "shared"),
+    "split": ("lowrank", "split"),
+}
+
+
 def run_case(model_name: str, path: str, pairs: int, repeats: int, random: bool = False) -> float:
     model = build(model_name).eval()
     x, y = batch(random)
@@ -85,13 +102,20 @@ def run_case(model_name: str, path: str, pairs: int, repeats: int, random: bool 
             with torch.no_grad():
                 for _ in range(2 * pairs):
                     model(x)
+    elif path == "backprop":
+        def fn():
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
     elif path == "loop":
         def fn():
             estimate_smoothed_grad(lambda: F.cross_entropy(model(x), y), params, sigma=0.01,
                                    num_pairs=pairs, seed=next(seed))
-    elif path == "batched":
+    elif path in ESTIMATES:
+        perturbation, batch_mode = ESTIMATES[path]
+
         def fn():
-            population_smoothed_grad(model, x, y, sigma=0.01, num_pairs=pairs, seed=next(seed))
+            population_smoothed_grad(model, x, y, sigma=0.01, num_pairs=pairs, seed=next(seed),
+                                     perturbation=perturbation, rank=1, batch_mode=batch_mode)
     elif path == "evotorch":
         fn = evotorch_step(model, x, y, pairs)
     else:
@@ -129,13 +153,12 @@ def peak_memory_mb(model_name: str, path: str, pairs: int, random: bool) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="2 repeats, N = 16 only, no EvoTorch or memory figures")
+                        help="2 repeats, fewer pairs, no EvoTorch or memory figures")
     parser.add_argument("--random", action="store_true",
                         help="random inputs of the same shape instead of Fashion-MNIST")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    repeats = 2 if args.quick else 15
-    pair_counts = [16] if args.quick else [16, 64]
+    repeats = 2 if args.quick else 9
     try:
         import evotorch  # noqa: F401
 
@@ -146,28 +169,36 @@ def main() -> None:
         have_evotorch = False
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, "
           f"EvoTorch {'installed' if have_evotorch else 'not installed'}")
-    print(f"{'model':6} {'N':>3} {'path':9} {'median ms':>10} {'x fwd limit':>12} "
+    print(f"{'model':6} {'path':9} {'N':>5} {'median ms':>10} {'reference':>16} {'ratio':>7} "
           f"{'peak MB':>8} {'EvoTorch / this':>16}")
+    # (reference, [(path, pairs)]): each group is timed side by side with its reference
+    groups = []
+    for pairs in [16] if args.quick else [16, 64]:
+        groups.append(("forward", pairs, ["loop", "batched"]))
+    groups.append(("forward", 64 if args.quick else 1024, ["lowrank"]))
+    groups.append(("backprop", 128, ["split"]))
     results = []
     for model_name in ["mlp", "cnn"]:
-        for pairs in pair_counts:
-            forward = run_case(model_name, "forward", pairs, repeats, args.random)
+        for reference, pairs, paths in groups:
+            few = max(2, repeats // 3) if pairs >= 1024 else repeats
+            ref = run_case(model_name, reference, pairs, few, args.random)
             evo = run_case(model_name, "evotorch", pairs, max(1, repeats // 3), args.random) \
-                if have_evotorch and not args.quick else None
-            paths = ["loop"] + (["batched"] if supports_population(build(model_name)) else [])
-            rows = [("forward", forward)] + [
-                (p, run_case(model_name, p, pairs, repeats, args.random)) for p in paths]
+                if have_evotorch and not args.quick and reference == "forward" \
+                and "loop" in paths else None
+            label = f"2N={2 * pairs} fwd" if reference == "forward" else "1 backprop step"
+            rows = [(reference, ref)] + [
+                (p, run_case(model_name, p, pairs, few, args.random)) for p in paths]
             if evo is not None:
                 rows.append(("evotorch", evo))
             for path, seconds in rows:
                 mem = None if args.quick else peak_memory_mb(model_name, path, pairs, args.random)
                 ratio_evo = f"{evo / seconds:16.1f}" if evo and path in paths else " " * 16
-                print(f"{model_name:6} {pairs:3d} {path:9} {1000 * seconds:10.1f} "
-                      f"{seconds / forward:12.2f} {'' if mem is None else f'{mem:8.0f}'} "
-                      f"{ratio_evo}")
+                print(f"{model_name:6} {path:9} {pairs:5d} {1000 * seconds:10.1f} {label:>16} "
+                      f"{seconds / ref:7.3f} {'' if mem is None else f'{mem:8.0f}'} "
+                      f"{ratio_evo}", flush=True)
                 results.append({"model": model_name, "pairs": pairs, "path": path,
-                                "median_s": seconds, "ratio_to_forward_limit": seconds / forward,
-                                "peak_mb": mem,
+                                "median_s": seconds, "reference": reference,
+                                "ratio_to_reference": seconds / ref, "peak_mb": mem,
                                 "evotorch_over_this": (evo / seconds) if evo else None})
     if args.json:
         # atomic: a temporary file in the same directory, then os.replace

@@ -387,10 +387,9 @@ def estimate_smoothed_grad(
     clean = [p.detach().clone() for p in params]
     noise = torch.empty(total, device=device, dtype=torch.float32)  # z_i, reused for every pair
     noise_views = [z.view(p.shape) for z, p in zip(noise.split(sizes), params)]
-    # the factors z_i is made from: z_i itself for Gaussian noise, A and B for low-rank tensors
-    factors = noise if family.kind == "gaussian" else torch.empty(
-        family.num_factors(params), device=device, dtype=torch.float32
-    )
+    # low-rank factors (A, B) of every pair are small: one block, drawn once (module docstring
+    # of robusttrain.zo.perturbations); a Gaussian z_i is drawn from its own seed into `noise`
+    block = family.draw_block(params, seed, num_pairs) if family.kind == "lowrank" else None
     accum = torch.zeros(total, device=device, dtype=torch.float32)  # Σ_i c_i z_i
     generator = torch.Generator(device=device)
     plus = torch.empty(num_pairs, dtype=torch.float64)
@@ -399,10 +398,11 @@ def estimate_smoothed_grad(
     num_forward = 0
 
     def draw(i: int) -> None:
+        if block is not None:
+            family.dense(params, block[i], out=noise)
+            return
         generator.manual_seed(pair_seed(seed, i))
-        family.draw(params, generator, out=factors)
-        if factors is not noise:
-            family.dense(params, factors, out=noise)
+        family.draw(params, generator, out=noise)
 
     def perturb(scale: float) -> None:
         # p = clean + scale·z, written from the clean copy, so no rounding error builds up

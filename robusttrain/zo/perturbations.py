@@ -18,11 +18,14 @@ product is shared by all members and the perturbation costs O((in + out)·r) per
 what :mod:`robusttrain.zo.population` exploits. The update Σ_i c_i E_i is one matrix product of the
 stacked factors (:meth:`Perturbation.combine`), so no member's dense direction is ever needed.
 
-Layout. Pair i's direction is stored as one flat vector of *factors*, drawn by a single
-``torch.randn`` call from a generator seeded with ``pair_seed(seed, i)``. Tensor after tensor (in
-the order given): a low-rank tensor contributes A (out·r entries, row-major) then B (in·r), any
-other tensor its own entries. For ``gaussian`` the factors *are* the direction, laid out as
-:func:`robusttrain.noise.seeds.draw_noise` lays it out, so the two conventions coincide.
+Layout. Pair i's direction is stored as one flat vector of *factors*: tensor after tensor (in the
+order given), a low-rank tensor contributes A (out·r entries, row-major) then B (in·r), any other
+tensor its own entries. For ``gaussian`` the factors *are* the direction, laid out as
+:func:`robusttrain.noise.seeds.draw_noise` lays it out, and pair i's are drawn by one ``randn`` call
+from a generator seeded with ``pair_seed(seed, i)``, so a dense direction can be regenerated alone
+instead of keeping N of them. For ``lowrank`` the factors are small, and the N pairs' are the rows
+of one (N, F) block drawn by a single ``randn`` call from ``pair_seed(seed, 0)`` — N generator
+seedings cost more than the whole draw (:meth:`Perturbation.draw_block`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from robusttrain.noise.seeds import pair_seed
 
 __all__ = ["PERTURBATIONS", "Perturbation", "LowRankFactors"]
 
@@ -108,6 +113,28 @@ class Perturbation:
         if out is None:
             out = torch.empty(total, device=device, dtype=torch.float32)
         return torch.randn(total, generator=generator, device=device, dtype=torch.float32, out=out)
+
+    def draw_block(
+        self, params: Sequence[torch.Tensor], seed: int, num_pairs: int, start: int = 0,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """Factors of pairs ``start … stop − 1`` of an estimate with ``num_pairs`` pairs, (K, F).
+
+        The convention every path shares (loop and population engine): see the module docstring.
+        """
+        stop = num_pairs if stop is None else stop
+        device = params[0].device
+        generator = torch.Generator(device=device)
+        total = self.num_factors(params)
+        if self.kind == "lowrank":
+            generator.manual_seed(pair_seed(seed, 0))
+            block = torch.randn(num_pairs, total, generator=generator, device=device)
+            return block[start:stop]
+        block = torch.empty(stop - start, total, device=device, dtype=torch.float32)
+        for j in range(stop - start):
+            generator.manual_seed(pair_seed(seed, start + j))
+            torch.randn(total, generator=generator, device=device, out=block[j])
+        return block
 
     def split(
         self, params: Sequence[torch.Tensor], factors: torch.Tensor

@@ -49,7 +49,6 @@ from robusttrain.zo.estimators import (
     _check_args,
     fitness_shaping_name,
     pair_coefficients,
-    pair_seed,
 )
 from robusttrain.zo.perturbations import LowRankFactors, Perturbation
 
@@ -150,10 +149,11 @@ class _Layout:
     ``signs × pairs × rows`` member rows, ordered sign-major (all + members, then all −).
     """
 
-    def __init__(self, signs: int, pairs: int, rows: int, split: bool) -> None:
-        self.signs, self.pairs, self.rows = signs, pairs, rows
+    def __init__(self, sign_values: list[float], pairs: int, rows: int, split: bool) -> None:
+        self.sign_values = sign_values  # +σ (and −σ): the members' scales
+        self.signs, self.pairs, self.rows = len(sign_values), pairs, rows
         self.pre = (1, pairs if split else 1, rows)
-        self.expanded_rows = signs * pairs * rows
+        self.expanded_rows = self.signs * pairs * rows
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """(s, k, rows, …) view of ``t``, with (s, k) = (1, 1), (1, K) or (S, K)."""
@@ -167,23 +167,6 @@ class _Layout:
             f"{math.prod(self.pre)} (before the first perturbed layer); the model mixes rows of "
             "the batch, which the population engine cannot follow: use population: false"
         )
-
-
-def _linear_delta(hv: torch.Tensor, weight: torch.Tensor | LowRankFactors | None) -> torch.Tensor:
-    """h_m E_mᵀ for (s, k, rows, in) inputs → (s or 1, K, rows, out)."""
-    s, k, rows, in_f = hv.shape
-    if isinstance(weight, LowRankFactors):
-        a, b = weight.a, weight.b  # (K, out, r), (K, in, r)
-        pairs, _, r = b.shape
-        if s == 1 and k == 1:
-            # every pair sees the same rows: (h B) for all pairs is one GEMM, (B, K·r)
-            u = hv[0, 0] @ b.permute(1, 0, 2).reshape(in_f, pairs * r)
-            u = u.view(rows, pairs, r).transpose(0, 1)
-            return torch.bmm(u, a.transpose(1, 2)).mul_(weight.scale)[None]
-        return torch.matmul(torch.matmul(hv, b), a.transpose(1, 2)).mul_(weight.scale)
-    if s == 1 and k == 1:
-        return torch.matmul(hv[0, 0], weight.transpose(1, 2))[None]  # (1, K, rows, out)
-    return torch.matmul(hv, weight.transpose(1, 2))
 
 
 def _conv_delta(
@@ -280,17 +263,53 @@ def _linear_lowrank_members(
     return result.view(layout.expanded_rows, out_f)
 
 
+def _linear_dense_members(
+    hv: torch.Tensor, output: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    layout: _Layout, signs: torch.Tensor,
+) -> torch.Tensor:
+    """A Linear layer's member outputs for dense (Gaussian) weight directions Z (K, out, in).
+
+    Before the members are expanded, h Z_kᵀ (+ ζ_k) is formed once per pair and written into both
+    members' rows with ``torch.add(…, alpha=±σ)``; after, one in-place ``baddbmm`` with the
+    signed directions adds every member's correction to the layer's output.
+    """
+    s, k, rows, in_f = hv.shape
+    out_f = output.shape[-1]
+    members = layout.signs * layout.pairs
+    if output.shape[0] == layout.expanded_rows:  # the members are already expanded
+        signed = (signs.view(-1, 1, 1, 1) * weight[None]).reshape(members, out_f, in_f)
+        output.view(members, rows, out_f).baddbmm_(hv.reshape(members, rows, in_f),
+                                                    signed.transpose(1, 2))
+        if bias is not None:
+            output.view(layout.signs, layout.pairs, rows, out_f).add_(
+                (signs.view(-1, 1, 1) * bias[None])[:, :, None, :])
+        return output
+    if k == 1:  # every pair sees the same rows: h Zᵀ for all pairs in one GEMM
+        delta = torch.matmul(hv[0, 0], weight.transpose(1, 2))  # (K, rows, out)
+    else:
+        delta = torch.bmm(hv[0], weight.transpose(1, 2))
+    if bias is not None:
+        delta += bias[:, None, :]
+    clean = output.view(k, rows, out_f)
+    result = output.new_empty(layout.signs, layout.pairs, rows, out_f)
+    for j, sign in enumerate(layout.sign_values):
+        torch.add(clean, delta, alpha=sign, out=result[j])
+    return result.view(layout.expanded_rows, out_f)
+
+
 def _make_hook(
     module: nn.Module, parts: dict[str, torch.Tensor | LowRankFactors], layout: _Layout,
     signs: torch.Tensor,
 ) -> Callable[..., torch.Tensor]:
     weight, bias = parts.get("weight"), parts.get("bias")
-    fused = isinstance(module, nn.Linear) and (weight is None or isinstance(weight, LowRankFactors))
+    linear = isinstance(module, nn.Linear)
+    lowrank = weight is None or isinstance(weight, LowRankFactors)
 
     def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         hv = layout.view(inputs[0])
-        if fused:
-            return _linear_lowrank_members(hv, output, weight, bias, layout, signs)
+        if linear:
+            members = _linear_lowrank_members if lowrank else _linear_dense_members
+            return members(hv, output, weight, bias, layout, signs)
         out = layout.view(output)
         delta = None
         if isinstance(module, _CHANNEL_NORMS + (nn.LayerNorm,)):
@@ -298,8 +317,7 @@ def _make_hook(
                 n = layout.view(_normalized(module, inputs[0]))
                 delta = _channel_view(weight, module, n.dim()) * n
         elif weight is not None:
-            delta = (_linear_delta(hv, weight) if isinstance(module, nn.Linear)
-                     else _conv_delta(module, hv, weight))
+            delta = _conv_delta(module, hv, weight)
         if bias is not None:
             shift = _channel_view(bias, module, out.dim())
             delta = shift if delta is None else delta + shift
@@ -351,10 +369,10 @@ def perturbed_losses(
     sign_values = [sigma, -sigma] if antithetic else [sigma]
     signs = torch.tensor(sign_values, dtype=x.dtype, device=x.device)
     if rows is None:
-        layout = _Layout(len(sign_values), k, x.shape[0], split=False)
+        layout = _Layout(sign_values, k, x.shape[0], split=False)
         inputs, targets = x, y.repeat(len(sign_values) * k)
     else:
-        layout = _Layout(len(sign_values), k, rows.shape[1], split=True)
+        layout = _Layout(sign_values, k, rows.shape[1], split=True)
         inputs = x[rows.flatten()]
         targets = y[rows.flatten()].repeat(len(sign_values))
     handles = []
@@ -368,7 +386,8 @@ def perturbed_losses(
                    if id(p) in parts}
             if own:
                 handles.append(module.register_forward_hook(_make_hook(module, own, layout, signs)))
-        logits = model(inputs)
+        with torch.no_grad():  # only losses are needed; in-place writes into layer outputs
+            logits = model(inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -459,8 +478,7 @@ def population_smoothed_grad(
         chunk = chunk_size
     chunk = max(1, min(num_pairs, chunk))
     device = params[0].device
-    generator = torch.Generator(device=device)
-    block = torch.empty(chunk, family.num_factors(params), device=device, dtype=torch.float32)
+    whole = family.draw_block(params, seed, num_pairs) if family.kind == "lowrank" else None
     plus_all, minus_all, blocks = [], [], []
     baseline = None
     grads = [torch.zeros(p.shape, device=device, dtype=torch.float32) for p in params]
@@ -474,10 +492,8 @@ def population_smoothed_grad(
                 )
         for start in range(0, num_pairs, chunk):
             k = min(chunk, num_pairs - start)
-            z = block[:k]
-            for j in range(k):
-                generator.manual_seed(pair_seed(seed, start + j))
-                family.draw(params, generator, out=z[j])
+            z = (whole[start : start + k] if whole is not None
+                 else family.draw_block(params, seed, num_pairs, start, start + k))
             plus, minus = perturbed_losses(
                 model, x, y, z, sigma=sigma, perturbation=family, antithetic=antithetic,
                 rows=None if all_rows is None else all_rows[start : start + k],
