@@ -299,7 +299,7 @@ class ZerothOrderClassifier(Classifier):
         if self.population is False:
             return False
         if self.population is None:
-            return choose_population(self.backbone, self.device)
+            return choose_population(self.backbone, self.device, self.batch_mode)
         reason = unsupported_reason(self.backbone, Perturbation(self.perturbation, self.rank))
         if reason is not None:
             raise ValueError(
