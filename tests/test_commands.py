@@ -25,7 +25,9 @@ def test_there_are_configs_for_every_dataset_and_method():
     names = {c.stem for c in CONFIGS}
     for required in ["fashion_mlp_sgd", "mnist_mlp_sgd", "fashion_cnn_sgd", "cifar10_resnet20_sgd",
                      "fashion_mlp_zo_momentum", "fashion_mlp_zo_nesterov", "fashion_cnn_zo_nesterov",
-                     "mnist_mlp_zo_nesterov", "cifar10_resnet20_zo_nesterov"]:
+                     "mnist_mlp_zo_nesterov", "cifar10_resnet20_zo_nesterov", "fashion_mlp_zo_lowrank",
+                     "mnist_mlp_zo_lowrank", "fashion_cnn_zo_lowrank", "mnist_cnn_zo_lowrank",
+                     "cifar10_resnet20_zo_lowrank"]:
         assert required in names
 
 
