@@ -58,8 +58,11 @@ def tensors(dataset: str, data_dir: str) -> tuple[torch.Tensor, ...]:
     def images(a):
         return (torch.from_numpy(a.copy()).float() / 255 - mean) / std
 
-    return (images(arrays["train_x"])[:TRAIN_SIZE], torch.from_numpy(arrays["train_y"]).long()[
-        :TRAIN_SIZE], images(arrays["test_x"]), torch.from_numpy(arrays["test_y"]).long())
+    def labels(a):
+        return torch.from_numpy(a.astype("int64"))
+
+    return (images(arrays["train_x"])[:TRAIN_SIZE], labels(arrays["train_y"])[:TRAIN_SIZE],
+            images(arrays["test_x"]), labels(arrays["test_y"]))
 
 
 def train(run: dict, data: tuple[torch.Tensor, ...]) -> dict:
