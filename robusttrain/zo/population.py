@@ -367,12 +367,24 @@ def perturbed_losses(
         (losses_plus (K,), losses_minus (K,) or ``None``).
     """
     family = perturbation or Perturbation()
+    _require_supported(model, family)
+    return _member_losses(model, x, y, factors, sigma, family, antithetic, rows)
+
+
+def _require_supported(model: nn.Module, family: Perturbation) -> None:
     reason = unsupported_reason(model, family)
     if reason is not None:
         raise ValueError(
             f"the population engine cannot run {type(model).__name__}: {reason}. Use "
             "robusttrain.zo.estimators.estimate_smoothed_grad (population: false) for it"
         )
+
+
+def _member_losses(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, factors: torch.Tensor, sigma: float,
+    family: Perturbation, antithetic: bool, rows: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`perturbed_losses` on a model already checked (once per estimate, not per chunk)."""
     params = _trainable(model)
     parts = dict(zip(map(id, params), family.split(params, factors)))
     k = factors.shape[0]
@@ -470,12 +482,7 @@ def population_smoothed_grad(
         )
     family = Perturbation(perturbation, rank)
     shaping = fitness_shaping_name(fitness_shaping)
-    reason = unsupported_reason(model, family)
-    if reason is not None:
-        raise ValueError(
-            f"the population engine cannot run {type(model).__name__}: {reason}. Use "
-            "robusttrain.zo.estimators.estimate_smoothed_grad (population: false) for it"
-        )
+    _require_supported(model, family)
     num_pairs, seed, sigma = int(num_pairs), int(seed), float(sigma)
     antithetic = estimator == "antithetic"
     signs = 2 if antithetic else 1
@@ -504,9 +511,9 @@ def population_smoothed_grad(
             k = min(chunk, num_pairs - start)
             z = (whole[start : start + k] if whole is not None
                  else family.draw_block(params, seed, num_pairs, start, start + k))
-            plus, minus = perturbed_losses(
-                model, x, y, z, sigma=sigma, perturbation=family, antithetic=antithetic,
-                rows=None if all_rows is None else all_rows[start : start + k],
+            plus, minus = _member_losses(
+                model, x, y, z, sigma, family, antithetic,
+                None if all_rows is None else all_rows[start : start + k],
             )
             for sign, values in (("+", plus), ("-", minus)):
                 if values is not None and not torch.isfinite(values).all():
