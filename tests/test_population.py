@@ -149,6 +149,13 @@ def test_a_model_that_mixes_rows_is_refused():
                          torch.randn(2, 15), sigma=0.1)
 
 
+def test_a_linear_layer_on_sequences_is_refused_with_the_fix():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Flatten(), nn.Linear(6, 2))
+    with pytest.raises(RuntimeError, match="3-D input.*population: false"):
+        population_smoothed_grad(model, torch.randn(5, 2, 4), torch.zeros(5, dtype=torch.long),
+                                 sigma=0.1, num_pairs=2, seed=0)
+
+
 def test_non_finite_losses_raise():
     model, x, y = problem()
     x[0, 0] = float("nan")

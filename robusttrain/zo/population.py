@@ -318,6 +318,11 @@ def _make_hook(
     def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         hv = layout.view(inputs[0])
         if linear:
+            if hv.dim() != 4:
+                raise RuntimeError(
+                    f"a Linear layer received a {inputs[0].dim()}-D input; the population engine "
+                    "handles Linear layers on (batch, features) inputs: use population: false"
+                )
             members = _linear_lowrank_members if lowrank else _linear_dense_members
             return members(hv, output, weight, bias, layout, signs)
         out = layout.view(output)
