@@ -133,7 +133,7 @@ class Perturbation:
         block = torch.empty(stop - start, total, device=device, dtype=torch.float32)
         for j in range(stop - start):
             generator.manual_seed(pair_seed(seed, start + j))
-            torch.randn(total, generator=generator, device=device, out=block[j])
+            self.draw(params, generator, out=block[j])
         return block
 
     def split(

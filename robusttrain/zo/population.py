@@ -30,8 +30,9 @@ Members meet the examples in one of two ways (``batch_mode``):
 BatchNorm in training mode normalizes with the statistics of the whole stacked batch, which would
 mix members: the engine refuses it (:func:`supports_population` says why) and the ZO module falls
 back to the in-place loop; BatchNorm in eval mode (running statistics) is per example and works.
-Pair i's factors are drawn exactly as in the loop (``Perturbation.draw`` from
-``pair_seed(seed, i)``), so both paths give the same estimate up to float rounding.
+The factors are drawn exactly as in the loop (``Perturbation.draw_block``: Gaussian pair i from
+``pair_seed(seed, i)``, all low-rank pairs as one block), so both paths give the same estimate up
+to float rounding.
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ def _normalized(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
 def _channel_view(vector: torch.Tensor, module: nn.Module, member_dims: int) -> torch.Tensor:
     """(K, C) → a view that broadcasts against (s, K, rows, …) member tensors of ``member_dims``."""
     k, c = vector.shape
-    if isinstance(module, (nn.Linear, nn.LayerNorm)):  # channels last
+    if isinstance(module, nn.LayerNorm):  # channels last (Linear layers take the fused path)
         return vector.view(1, k, *[1] * (member_dims - 3), c)
     return vector.view(1, k, 1, c, *[1] * (member_dims - 4))  # channels in dim 1 of the rows
 
