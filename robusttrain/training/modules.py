@@ -16,6 +16,7 @@ the backbone without unpickling code.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 from collections.abc import Iterator
@@ -61,6 +62,29 @@ def _step_seed(seed: int, step: int) -> int:
     return pair_seed(seed, step) ^ 0x5EED
 
 
+_EXIT_TEARDOWN_REGISTERED = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Make sure a multi-process run tears its process group down before the interpreter exits.
+
+    Lightning destroys the group at exit only for NCCL. A gloo group (CPU training with several
+    processes) left alive until interpreter shutdown has its worker threads destroyed by static
+    destructors, which aborts the process now and then ("terminate called without an active
+    exception") after training has finished and every file has been written.
+    """
+    global _EXIT_TEARDOWN_REGISTERED
+    if _EXIT_TEARDOWN_REGISTERED:
+        return
+    _EXIT_TEARDOWN_REGISTERED = True
+
+    def destroy() -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
+
+
 class Classifier(LightningModule):
     """Image classifier trained by backprop; the base of every robusttrain training method.
 
@@ -102,6 +126,10 @@ class Classifier(LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
+
+    def setup(self, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            _destroy_process_group_at_exit()
 
     def model_step(
         self, batch: tuple[torch.Tensor, torch.Tensor]
