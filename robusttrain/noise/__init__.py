@@ -15,6 +15,7 @@ from robusttrain.noise.weight import (
     noisy_parameters,
     perturbed_weights,
     preserved_state,
+    smoothing_sigmas,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "pair_seed",
     "perturbed_weights",
     "preserved_state",
+    "smoothing_sigmas",
 ]

@@ -39,9 +39,13 @@ __all__ = [
     "noisy_parameters",
     "perturbed_weights",
     "preserved_state",
+    "smoothing_sigmas",
 ]
 
 NOISE_MODELS = ("relative", "absolute", "multiplicative")
+# multiplicative smoothing: weights smaller than this fraction of their tensor's mean |w| are smoothed
+# as if they had that magnitude (a zero weight would otherwise get no smoothing and no gradient)
+MULTIPLICATIVE_FLOOR = 0.1
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -217,3 +221,70 @@ def perturbed_weights(
                 for p, direction in zip(tensors, draw_directions(tensors, noise, generator)):
                     p.add_(direction, alpha=level)
         yield model
+
+
+def smoothing_sigmas(
+    model: nn.Module,
+    params: Sequence[torch.Tensor],
+    *,
+    noise: str,
+    level: float,
+    sigma: float,
+    include_bias: bool = False,
+    include_norm: bool = False,
+) -> list[torch.Tensor | float]:
+    r"""Per-element standard deviation of the smoothing that matches a weight-noise model.
+
+    Training at level η under noise model ``noise`` minimizes E_g[L(θ + σ(θ)⊙g)] with, for each
+    tensor the noise model touches (the same selection as :func:`perturbed_weights`),
+
+    * ``"absolute"``: σ = η;
+    * ``"relative"``: σ = η·max|W| (one number per tensor);
+    * ``"multiplicative"``: σ = η·max(|w|, f·mean|W|) elementwise, with f =
+      :data:`MULTIPLICATIVE_FLOOR` (0.1): deployment noise w·(1 + ηε) never moves a zero weight,
+      so its smoothed loss would have no gradient there, and the estimator divides by σ;
+
+    and σ = ``sigma`` (absolute) for every other tensor in ``params`` (biases, normalization
+    parameters): the noise model leaves them alone, but a zeroth-order estimator needs to move
+    them to give them a gradient. A tensor whose scale is zero (all-zero weights) also gets
+    ``sigma``. The scales are computed from the current (clean) values and are meant to be held
+    fixed for one step (docs/theory.md, §11).
+
+    Args:
+        model: the network ``params`` belong to.
+        params: the tensors that will be perturbed (usually its trainable parameters), in order.
+        noise: one of :data:`NOISE_MODELS`.
+        level: η > 0 (σ for ``"absolute"``).
+        sigma: absolute σ > 0 of the tensors outside the noise model.
+        include_bias: the noise model also covers the biases of Linear/Conv layers.
+        include_norm: it also covers the affine parameters of normalization layers.
+
+    Returns:
+        One entry per tensor of ``params``: a 0-dim tensor (absolute, relative), a tensor of the
+        parameter's shape (multiplicative), or the float ``sigma``.
+    """
+    level = check_noise(noise, level)
+    if level == 0:
+        raise ValueError("the smoothing level must be > 0 (level 0 is no smoothing at all)")
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(
+            f"sigma (the absolute smoothing of tensors outside the noise model) must be a "
+            f"positive number, got {sigma!r}"
+        )
+    covered = {id(p) for _, p in noisy_parameters(model, include_bias, include_norm)}
+    sigmas: list[torch.Tensor | float] = []
+    with torch.no_grad():
+        for p in params:
+            if id(p) not in covered:
+                sigmas.append(float(sigma))
+                continue
+            w = p.detach().float()
+            if noise == "absolute":
+                value = torch.full((), level, device=w.device)
+            elif noise == "relative":
+                value = level * w.abs().max()
+            else:
+                magnitude = w.abs()
+                value = level * torch.clamp(magnitude, min=MULTIPLICATIVE_FLOOR * magnitude.mean())
+            sigmas.append(value if bool((value > 0).all()) else float(sigma))
+    return sigmas

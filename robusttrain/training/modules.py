@@ -31,6 +31,13 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from robusttrain.noise.seeds import draw_noise, pair_seed
+from robusttrain.noise.weight import (
+    NOISE_MODELS,
+    check_noise,
+    draw_directions,
+    noisy_parameters,
+    smoothing_sigmas,
+)
 from robusttrain.training.checkpoints import CHECKPOINT_FORMAT
 from robusttrain.zo.estimators import (
     NonFiniteLossError,
@@ -83,6 +90,32 @@ def _destroy_process_group_at_exit() -> None:
             torch.distributed.destroy_process_group()
 
     atexit.register(destroy)
+
+
+def _check_noise_level(noise: str | None, level: float | None, perturbation: str = "gaussian") -> None:
+    """Validate the ``noise``/``level`` pair of a smoothed training method."""
+    if noise is None:
+        if level is not None:
+            raise ValueError(
+                f"level={level} needs a noise model: set noise to one of {', '.join(NOISE_MODELS)} "
+                "(without one, the method smooths with the absolute sigma)"
+            )
+        return
+    if noise not in NOISE_MODELS:
+        raise ValueError(f"unknown noise model {noise!r}; choose one of {', '.join(NOISE_MODELS)}")
+    if level is None:
+        raise ValueError(
+            f"noise {noise!r} needs a level (η_train, in the units of `robusttrain robustness "
+            "--noise`), e.g. level: 0.05"
+        )
+    if check_noise(noise, level) == 0:
+        raise ValueError("level must be > 0 (level 0 is no smoothing; use Classifier instead)")
+    if noise == "multiplicative" and perturbation == "lowrank":
+        raise ValueError(
+            "noise 'multiplicative' cannot be low-rank: its scale |w| varies within a weight "
+            "matrix, and |w|⊙(A Bᵀ) is a full-rank matrix; use perturbation: gaussian, or noise "
+            "relative/absolute"
+        )
 
 
 class Classifier(LightningModule):
@@ -254,7 +287,8 @@ class ZerothOrderClassifier(Classifier):
         optimizer: optimizer factory; SGD with ``momentum`` or ``nesterov=True`` are the usual ones.
         scheduler: optional per-epoch learning-rate scheduler factory.
         num_classes: see :class:`Classifier`.
-        sigma: smoothing scale σ (absolute, in weight units) of L_σ.
+        sigma: smoothing scale σ (absolute, in weight units) of L_σ; with ``noise`` set, the
+            absolute σ of the tensors the noise model leaves alone (biases, norm parameters).
         num_pairs: antithetic pairs N per step (2N perturbed forward passes).
         estimator: ``"antithetic"``, ``"one_sided"`` or ``"plain"`` (see
             :func:`robusttrain.zo.estimators.smoothed_loss_grad`).
@@ -274,6 +308,12 @@ class ZerothOrderClassifier(Classifier):
             whenever the backbone is supported (not with BatchNorm in training mode).
         skip_nonfinite: when a perturbed loss is NaN/inf, skip the step (and count it in
             ``zo/skipped_steps``) instead of stopping the run.
+        noise: smooth in the units of a weight-noise model — ``"relative"`` (η·max|W| per
+            tensor), ``"absolute"`` or ``"multiplicative"`` (η·|w|), the models of
+            ``robusttrain robustness`` applied to the same tensors (Linear/Conv weights); see
+            :func:`robusttrain.noise.smoothing_sigmas`. ``None`` (default): absolute ``sigma``
+            on every parameter.
+        level: η_train, the smoothing level in the units of ``noise`` (required with it).
     """
 
     method = "zeroth_order"
@@ -294,10 +334,13 @@ class ZerothOrderClassifier(Classifier):
         seed: int = 0,
         population: bool | None = None,
         skip_nonfinite: bool = False,
+        noise: Literal["relative", "absolute", "multiplicative"] | None = None,
+        level: float | None = None,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, num_classes)
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a positive number, got {sigma}")
+        _check_noise_level(noise, level, perturbation)
         if not isinstance(num_pairs, int) or num_pairs < 1:
             raise ValueError(f"num_pairs must be an integer >= 1, got {num_pairs}")
         Perturbation(perturbation, rank)  # checks both, with a message naming the fix
@@ -319,9 +362,18 @@ class ZerothOrderClassifier(Classifier):
         self.seed = seed
         self.population = population
         self.skip_nonfinite = skip_nonfinite
+        self.noise = noise
+        self.level = None if level is None else float(level)
         self.automatic_optimization = False
         self._forward_passes = 0
         self._skipped_steps = 0
+
+    def smoothing_scale(self, params: list[torch.Tensor]) -> float | list[torch.Tensor | float]:
+        """The σ of this step: ``sigma``, or per tensor from the noise model at the clean θ."""
+        if self.noise is None:
+            return self.sigma
+        return smoothing_sigmas(self.backbone, params, noise=self.noise, level=self.level,
+                                sigma=self.sigma)
 
     def _use_population(self) -> bool:
         if self.population is False:
@@ -345,7 +397,7 @@ class ZerothOrderClassifier(Classifier):
         self._log_train(loss, logits, y)
         seed = _step_seed(self.seed, self.global_step)
         options = {
-            "sigma": self.sigma,
+            "sigma": self.smoothing_scale(params),
             "num_pairs": self.num_pairs,
             "seed": seed,
             "estimator": self.estimator,
@@ -400,7 +452,8 @@ class ZerothOrderClassifier(Classifier):
     def robusttrain_meta(self) -> dict[str, Any]:
         meta = super().robusttrain_meta()
         meta.update(sigma=self.sigma, num_pairs=self.num_pairs, estimator=self.estimator,
-                    perturbation=self.perturbation, rank=self.rank, batch_mode=self.batch_mode)
+                    perturbation=self.perturbation, rank=self.rank, batch_mode=self.batch_mode,
+                    noise=self.noise, level=self.level)
         return meta
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -420,16 +473,24 @@ class NoiseInjectionClassifier(Classifier):
     ∇_θ L(θ + σg) with g ~ N(0, I) is an unbiased one-sample estimate of ∇L_σ(θ) (the
     reparameterisation trick), so this method minimizes the same objective as
     :class:`ZerothOrderClassifier` with first-order information — the fair control for it (noise
-    injection / random weight perturbation training). Every trainable parameter is perturbed, as in
-    the zeroth-order method; the clean weights are restored bit for bit before the optimizer step.
+    injection / random weight perturbation training). Without ``noise`` every trainable parameter
+    is perturbed by σg, as in the zeroth-order method. With ``noise`` the perturbation is one draw
+    of that deployment noise model at ``level`` — w + level·s(w)·ε on the tensors ``robusttrain
+    robustness`` perturbs, from the same code (:func:`robusttrain.noise.draw_directions`): the
+    hardware-aware training of analog-AI toolkits (IBM aihwkit; Joshi et al. 2020); the other
+    parameters are left clean (backprop gives them their gradient). The clean weights are
+    restored bit for bit before the optimizer step.
 
     Args:
         backbone: the network.
         optimizer: optimizer factory.
         scheduler: optional per-epoch learning-rate scheduler factory.
         num_classes: see :class:`Classifier`.
-        sigma: smoothing scale σ (absolute, in weight units).
+        sigma: smoothing scale σ (absolute, in weight units); unused when ``noise`` is set.
         seed: base seed of the perturbations (with the global step, fixes each step's g).
+        noise: ``"relative"``, ``"absolute"`` or ``"multiplicative"`` (see
+            :mod:`robusttrain.noise.weight`); ``None``: absolute ``sigma`` on every parameter.
+        level: η_train in the units of ``noise`` (required with it).
     """
 
     method = "noise_injection"
@@ -442,35 +503,50 @@ class NoiseInjectionClassifier(Classifier):
         num_classes: int | None = None,
         sigma: float = 0.01,
         seed: int = 0,
+        noise: Literal["relative", "absolute", "multiplicative"] | None = None,
+        level: float | None = None,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, num_classes)
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a positive number, got {sigma}")
+        _check_noise_level(noise, level)
         self.sigma = sigma
         self.seed = seed
+        self.noise = noise
+        self.level = None if level is None else float(level)
         self.automatic_optimization = False
+
+    def _perturbation(
+        self, params: list[torch.Tensor], generator: torch.Generator
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The tensors to move and their changes for this step."""
+        if self.noise is None:
+            noise = draw_noise(params, generator)
+            changes = [z.view_as(p) * self.sigma for z, p in zip(noise.split(
+                [p.numel() for p in params]), params)]
+            return params, changes
+        trainable = {id(p) for p in params}
+        tensors = [p for _, p in noisy_parameters(self.backbone) if id(p) in trainable]
+        directions = draw_directions(tensors, self.noise, generator)
+        return tensors, [d * self.level for d in directions]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
         params = [p for p in self.backbone.parameters() if p.requires_grad]
         generator = torch.Generator(device=self.device)
         generator.manual_seed(_step_seed(self.seed, self.global_step))
-        noise = draw_noise(params, generator)
-        clean = [p.detach().clone() for p in params]
+        moved, changes = self._perturbation(params, generator)
+        clean = [p.detach().clone() for p in moved]
         try:
             with torch.no_grad():
-                offset = 0
-                for p in params:
-                    n = p.numel()
-                    p.add_(noise[offset : offset + n].view_as(p), alpha=self.sigma)
-                    offset += n
+                torch._foreach_add_(moved, changes)
             loss, logits, y = self.model_step(batch)
             self._log_train(loss, logits, y)
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
         finally:
             with torch.no_grad():
-                for p, c in zip(params, clean):
+                for p, c in zip(moved, clean):
                     p.copy_(c)
         optimizer.step()
         return loss.detach()
@@ -480,5 +556,5 @@ class NoiseInjectionClassifier(Classifier):
 
     def robusttrain_meta(self) -> dict[str, Any]:
         meta = super().robusttrain_meta()
-        meta.update(sigma=self.sigma)
+        meta.update(sigma=self.sigma, noise=self.noise, level=self.level)
         return meta

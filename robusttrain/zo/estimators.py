@@ -296,10 +296,12 @@ def _check_sigma(sigma: float) -> None:
 
 
 def _check_args(
-    params: list[torch.Tensor], sigma: float, num_pairs: int, seed: int, estimator: str
+    params: list[torch.Tensor], sigma: float | Sequence[float | torch.Tensor], num_pairs: int,
+    seed: int, estimator: str,
 ) -> None:
     _check_estimator(estimator)
-    _check_sigma(sigma)
+    if not _per_tensor(sigma):
+        _check_sigma(sigma)
     if isinstance(num_pairs, bool) or not isinstance(num_pairs, numbers.Integral) or num_pairs < 1:
         raise ValueError(f"num_pairs must be an integer >= 1, got {num_pairs!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -327,6 +329,61 @@ def _check_args(
             f"params live on several devices {sorted(map(str, devices))}; move them to one "
             "(model.to(device))"
         )
+    if _per_tensor(sigma):
+        _check_sigmas(params, sigma)
+
+
+def _per_tensor(sigma: object) -> bool:
+    """Whether ``sigma`` gives one smoothing scale per tensor (a sequence) rather than one number."""
+    return isinstance(sigma, (list, tuple))
+
+
+def _check_sigmas(params: list[torch.Tensor], sigmas: Sequence[float | torch.Tensor]) -> None:
+    if len(sigmas) != len(params):
+        raise ValueError(
+            f"sigma has {len(sigmas)} entries but there are {len(params)} tensors to perturb; "
+            "give one scale per tensor (robusttrain.noise.smoothing_sigmas makes them)"
+        )
+    for index, (p, s) in enumerate(zip(params, sigmas)):
+        if isinstance(s, torch.Tensor):
+            try:
+                torch.broadcast_shapes(s.shape, p.shape)
+            except RuntimeError:
+                ok = False
+            else:
+                ok = s.dim() == 0 or s.shape == p.shape
+            if not ok:
+                raise ValueError(
+                    f"sigma[{index}] has shape {tuple(s.shape)}; it must be a number, a 0-dim "
+                    f"tensor or a tensor of the parameter's shape {tuple(p.shape)}"
+                )
+            if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+                raise ValueError(
+                    f"sigma[{index}] must be positive and finite everywhere (the estimator divides "
+                    "by it)"
+                )
+        else:
+            try:
+                _check_sigma(s)
+            except ValueError as err:
+                raise ValueError(f"sigma[{index}]: {err}") from None
+
+
+def _flat_sigmas(
+    params: list[torch.Tensor], sigmas: Sequence[float | torch.Tensor], family: Perturbation
+) -> torch.Tensor:
+    """The per-element scales as one flat float32 vector in ``draw_noise``'s layout."""
+    flat = []
+    for index, (p, s) in enumerate(zip(params, sigmas)):
+        if isinstance(s, torch.Tensor) and s.dim() > 0 and family.is_lowrank(p):
+            raise ValueError(
+                f"sigma[{index}] varies within a tensor that gets low-rank directions: an "
+                "elementwise scale times A Bᵀ is no longer low rank (multiplicative noise cannot "
+                "be low-rank); use perturbation 'gaussian'"
+            )
+        value = s.detach().float() if isinstance(s, torch.Tensor) else torch.tensor(float(s))
+        flat.append(value.to(p.device).expand(p.shape).reshape(-1))
+    return torch.cat(flat)
 
 
 def _loss_value(loss_fn: Callable[[], torch.Tensor | float], pair: int | None, sign: str) -> float:
@@ -359,7 +416,7 @@ def estimate_smoothed_grad(
     loss_fn: Callable[..., torch.Tensor | float],
     params: Sequence[torch.Tensor],
     *,
-    sigma: float,
+    sigma: float | Sequence[float | torch.Tensor],
     num_pairs: int,
     seed: int,
     estimator: str = "antithetic",
@@ -379,14 +436,22 @@ def estimate_smoothed_grad(
     _check_args(params, sigma, num_pairs, seed, estimator)
     family = Perturbation(perturbation, rank)
     shaping = fitness_shaping_name(fitness_shaping)
-    num_pairs, seed, sigma = int(num_pairs), int(seed), float(sigma)
     device = params[0].device
     sizes = [p.numel() for p in params]
     total = sum(sizes)
+    # one scale per element: the pairs move θ ± σ⊙z and the estimate divides elementwise by σ, so
+    # the coefficients are those of σ = 1 (docs/theory.md, §11)
+    sigma_flat = _flat_sigmas(params, sigma, family) if _per_tensor(sigma) else None
+    num_pairs, seed = int(num_pairs), int(seed)
+    sigma = 1.0 if sigma_flat is not None else float(sigma)
     # memory beyond the forward pass: the clean copy, one noise buffer and the accumulator
     clean = [p.detach().clone() for p in params]
     noise = torch.empty(total, device=device, dtype=torch.float32)  # z_i, reused for every pair
     noise_views = [z.view(p.shape) for z, p in zip(noise.split(sizes), params)]
+    # σ⊙z_i, the step of the pair, when the scale varies between tensors
+    step = noise if sigma_flat is None else torch.empty_like(noise)
+    step_views = noise_views if sigma_flat is None else [
+        z.view(p.shape) for z, p in zip(step.split(sizes), params)]
     # low-rank factors (A, B) of every pair are small: one block, drawn once (module docstring
     # of robusttrain.zo.perturbations); a Gaussian z_i is drawn from its own seed into `noise`
     block = family.draw_block(params, seed, num_pairs) if family.kind == "lowrank" else None
@@ -407,7 +472,7 @@ def estimate_smoothed_grad(
     def perturb(scale: float) -> None:
         # p = clean + scale·z, written from the clean copy, so no rounding error builds up
         torch._foreach_copy_(params, clean)
-        torch._foreach_add_(params, noise_views, alpha=scale)
+        torch._foreach_add_(params, step_views, alpha=scale)
 
     def loss_at(i: int | None, sign: str) -> float:
         if not pair_loss:
@@ -426,6 +491,8 @@ def estimate_smoothed_grad(
                 num_forward += 1
             for i in range(num_pairs):
                 draw(i)  # z_i, drawn once: used for +σ, −σ and the accumulation
+                if sigma_flat is not None:
+                    torch.mul(noise, sigma_flat, out=step)
                 perturb(sigma)
                 plus[i] = loss_at(i, "+")
                 num_forward += 1
@@ -453,6 +520,8 @@ def estimate_smoothed_grad(
         for i in range(num_pairs):
             draw(i)
             accum.add_(noise, alpha=float(coefficients[i]))
+    if sigma_flat is not None:
+        accum.div_(sigma_flat)
     # views into the flat accumulator where the dtype already matches (no second copy)
     grads = [g.view(p.shape).to(p.dtype) for g, p in zip(accum.split(sizes), params)]
     return SmoothedGradEstimate(grads, plus, minus, baseline, num_forward)
@@ -462,7 +531,7 @@ def smoothed_loss_grad(
     loss_fn: Callable[..., torch.Tensor | float],
     params: Sequence[torch.Tensor],
     *,
-    sigma: float,
+    sigma: float | Sequence[float | torch.Tensor],
     num_pairs: int,
     seed: int,
     estimator: str = "antithetic",
@@ -496,7 +565,12 @@ def smoothed_loss_grad(
             ``torch.no_grad()``.
         params: the floating-point tensors to perturb, in place, all on one device; they hold
             exactly their prior values (bit for bit) when the call returns or raises.
-        sigma: smoothing scale σ > 0, in the units of the parameters.
+        sigma: smoothing scale σ > 0, in the units of the parameters; or one scale per tensor
+            of ``params`` (a number, a 0-dim tensor, or a tensor of the parameter's shape), so
+            that pair i moves θ ± σ⊙z_i and the estimate is Σ_i c_i z_i / σ elementwise with the
+            c_i of σ = 1 — the smoothing of a weight-noise model
+            (:func:`robusttrain.noise.smoothing_sigmas`, docs/theory.md §11). An elementwise
+            scale cannot be combined with low-rank directions.
         num_pairs: N, the number of noise directions.
         seed: the estimate is a deterministic function of ``seed`` (local generators only).
         estimator: ``"antithetic"``, ``"one_sided"`` or ``"plain"``.

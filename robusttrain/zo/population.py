@@ -37,8 +37,9 @@ to float rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ from robusttrain.zo.estimators import (
     NonFiniteLossError,
     SmoothedGradEstimate,
     _check_args,
+    _per_tensor,
     fitness_shaping_name,
     pair_coefficients,
 )
@@ -350,7 +352,7 @@ def perturbed_losses(
     y: torch.Tensor,
     factors: torch.Tensor,
     *,
-    sigma: float,
+    sigma: float | Sequence[float | torch.Tensor],
     perturbation: Perturbation | None = None,
     antithetic: bool = True,
     rows: torch.Tensor | None = None,
@@ -363,7 +365,8 @@ def perturbed_losses(
         y: targets (B,).
         factors: (K, F) factors in the layout of ``perturbation`` over the model's trainable
             parameters.
-        sigma: perturbation scale.
+        sigma: perturbation scale, or one per trainable parameter (as in
+            :func:`~robusttrain.zo.estimators.smoothed_loss_grad`).
         perturbation: the family the factors belong to (default Gaussian).
         antithetic: also evaluate θ − σz_k.
         rows: (K, b) row indices of each pair's examples (``split`` mode, see :func:`split_rows`);
@@ -374,7 +377,10 @@ def perturbed_losses(
     """
     family = perturbation or Perturbation()
     _require_supported(model, family)
-    return _member_losses(model, x, y, factors, sigma, family, antithetic, rows)
+    if _per_tensor(sigma):
+        _check_args(_trainable(model), sigma, 1, 0, "antithetic")
+        return _member_losses(model, x, y, factors, 1.0, family, antithetic, rows, list(sigma))
+    return _member_losses(model, x, y, factors, float(sigma), family, antithetic, rows)
 
 
 def _require_supported(model: nn.Module, family: Perturbation) -> None:
@@ -386,13 +392,38 @@ def _require_supported(model: nn.Module, family: Perturbation) -> None:
         )
 
 
+def _scaled(
+    part: torch.Tensor | LowRankFactors, scale: float | torch.Tensor, index: int
+) -> torch.Tensor | LowRankFactors:
+    """One tensor's directions times its smoothing scale (a number or a tensor of its shape)."""
+    if isinstance(part, LowRankFactors):
+        if isinstance(scale, torch.Tensor) and scale.dim() > 0:
+            raise ValueError(
+                f"sigma[{index}] varies within a tensor that gets low-rank directions: an "
+                "elementwise scale times A Bᵀ is no longer low rank (multiplicative noise cannot "
+                "be low-rank); use perturbation 'gaussian'"
+            )
+        return dataclasses.replace(part, scale=part.scale * scale)
+    if isinstance(scale, torch.Tensor):
+        return part * scale.to(part.dtype)  # (K, *shape) times a 0-dim or (*shape) scale
+    return part * scale
+
+
 def _member_losses(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, factors: torch.Tensor, sigma: float,
     family: Perturbation, antithetic: bool, rows: torch.Tensor | None,
+    sigmas: list[float | torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`perturbed_losses` on a model already checked (once per estimate, not per chunk)."""
+    """:func:`perturbed_losses` on a model already checked (once per estimate, not per chunk).
+
+    With ``sigmas`` (one scale per trainable parameter) each tensor's directions are scaled by
+    its own σ and the members are θ ± σ⊙z (``sigma`` is then 1).
+    """
     params = _trainable(model)
-    parts = dict(zip(map(id, params), family.split(params, factors)))
+    split = family.split(params, factors)
+    if sigmas is not None:
+        split = [_scaled(part, scale, i) for i, (part, scale) in enumerate(zip(split, sigmas))]
+    parts = dict(zip(map(id, params), split))
     k = factors.shape[0]
     sign_values = [sigma, -sigma] if antithetic else [sigma]
     signs = torch.tensor(sign_values, dtype=x.dtype, device=x.device)
@@ -437,7 +468,7 @@ def population_smoothed_grad(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    sigma: float,
+    sigma: float | Sequence[float | torch.Tensor],
     num_pairs: int,
     seed: int,
     estimator: str = "antithetic",
@@ -457,7 +488,8 @@ def population_smoothed_grad(
         model: a supported model (see :func:`unsupported_reason`).
         x: input batch.
         y: targets.
-        sigma: smoothing scale σ > 0.
+        sigma: smoothing scale σ > 0, or one per trainable parameter (see
+            :func:`~robusttrain.zo.estimators.smoothed_loss_grad`).
         num_pairs: N.
         seed: as in the loop.
         estimator: ``"antithetic"`` or ``"one_sided"`` (``shared`` mode only).
@@ -489,7 +521,9 @@ def population_smoothed_grad(
     family = Perturbation(perturbation, rank)
     shaping = fitness_shaping_name(fitness_shaping)
     _require_supported(model, family)
-    num_pairs, seed, sigma = int(num_pairs), int(seed), float(sigma)
+    sigmas = list(sigma) if _per_tensor(sigma) else None
+    num_pairs, seed = int(num_pairs), int(seed)
+    sigma = 1.0 if sigmas is not None else float(sigma)  # scales then go into the directions
     antithetic = estimator == "antithetic"
     signs = 2 if antithetic else 1
     batch = x.shape[0]
@@ -519,7 +553,7 @@ def population_smoothed_grad(
                  else family.draw_block(params, seed, num_pairs, start, start + k))
             plus, minus = _member_losses(
                 model, x, y, z, sigma, family, antithetic,
-                None if all_rows is None else all_rows[start : start + k],
+                None if all_rows is None else all_rows[start : start + k], sigmas,
             )
             for sign, values in (("+", plus), ("-", minus)):
                 if values is not None and not torch.isfinite(values).all():
@@ -545,6 +579,9 @@ def population_smoothed_grad(
             c = pair_coefficients(plus_t, minus_t, sigma=sigma, estimator=estimator,
                                   baseline=baseline, fitness_shaping=shaping)
             grads = family.combine(params, c, torch.cat(blocks))
+    if sigmas is not None:  # Σ c_i z_i / σ, elementwise
+        grads = [g / (s.to(g.device, torch.float32) if isinstance(s, torch.Tensor) else s)
+                 for g, s in zip(grads, sigmas)]
     grads = [g.to(p.dtype) for g, p in zip(grads, params)]
     num_forward = signs * num_pairs + (0 if antithetic else 1)
     equivalents = (signs * num_pairs * rows_per_member + (0 if antithetic else batch)) / batch
