@@ -1,25 +1,43 @@
 """Comparison of training methods: each trained on the same network, data and seeds, then all
-evaluated under the same weight-noise draws.
+evaluated under the same weight-noise draws, under one or several noise models.
 
-* :mod:`robusttrain.comparison.config` — the comparison file (YAML) and its checks.
+* :mod:`robusttrain.comparison.config` — the comparison file (YAML: ``sigmas`` or ``levels`` per
+  method, one or several evaluation noise models) and its checks.
 * :mod:`robusttrain.comparison.runner` — training every run (resumable) and evaluating them all.
-* :mod:`robusttrain.comparison.report` — summaries over seeds, ``report.md``, the frontier plot.
+* :mod:`robusttrain.comparison.report` — summaries over seeds, ``report.md``, the robustness and
+  frontier plots.
 """
 
 from robusttrain.comparison.config import (
     CompareConfig,
     CompareConfigError,
     MethodSpec,
+    RobustnessSpec,
+    Variant,
     load_config,
 )
-from robusttrain.comparison.report import summarize_runs
+from robusttrain.comparison.report import (
+    frontier_figure,
+    plot_frontier,
+    plot_robustness,
+    render_report,
+    robustness_figure,
+    summarize_runs,
+)
 from robusttrain.comparison.runner import run_comparison, train_run
 
 __all__ = [
     "CompareConfig",
     "CompareConfigError",
     "MethodSpec",
+    "RobustnessSpec",
+    "Variant",
+    "frontier_figure",
     "load_config",
+    "plot_frontier",
+    "plot_robustness",
+    "render_report",
+    "robustness_figure",
     "run_comparison",
     "summarize_runs",
     "train_run",

@@ -1,11 +1,16 @@
-"""Running a comparison: train every (method, σ, seed), evaluate all under weight noise, report.
+"""Running a comparison: train every (method, variant, seed), evaluate all under weight noise, report.
 
-Every (method, σ, seed) is trained once with ``robusttrain fit`` semantics into
-``<out>/runs/<method>[/sigma<σ>]/seed<k>/``; a run that finished (``result.json``) is reused and an
-interrupted one resumes from its ``last.ckpt``, so an interrupted comparison picks up where it
-stopped. All final checkpoints are then evaluated on the test split under the same weight-noise
-draws (paired), and ``report.md``, ``robustness.csv``, ``summary.json``, ``robustness.png`` and
-``frontier.png`` are written (atomically).
+Every (method, variant, seed) is trained once with ``robusttrain fit`` semantics into
+``<out>/runs/<method>[/sigma<σ> | /level<η>]/seed<k>/``; a run that finished (``result.json``) is
+reused and an interrupted one resumes from its ``last.ckpt``, so an interrupted comparison picks up
+where it stopped. ``result.json`` records ``sigma``, ``level`` and the method's training ``noise``
+(None where not used; files without ``level``/``noise``, from before, are read as None).
+
+All final checkpoints are then evaluated on the test split under the same weight-noise draws
+(paired) for each evaluation noise model, and written atomically: per noise model
+``robustness.csv``, ``summary.json``, ``robustness.png`` and ``frontier.png`` — in ``<out>/`` when
+``robustness.noise`` is a string, in ``<out>/<noise>/`` when it is a list — then ``comparison.json``
+(a list of entries, or noise model -> list for a list of noise models) and ``report.md``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from __future__ import annotations
 import copy
 import csv
 import importlib
-import inspect
 import json
 import time
 from pathlib import Path
@@ -23,8 +27,14 @@ import numpy as np
 import torch
 import yaml
 
-from robusttrain.comparison.config import ROBUSTNESS_DEFAULTS, CompareConfig, MethodSpec
-from robusttrain.comparison.report import plot_frontier, render_report, run_label, summarize_runs
+from robusttrain.comparison.config import CompareConfig, MethodSpec, Variant, init_parameters
+from robusttrain.comparison.report import (
+    plot_frontier,
+    plot_robustness,
+    render_report,
+    run_label,
+    summarize_runs,
+)
 from robusttrain.evaluation import evaluate_models, write_report
 from robusttrain.files import write_atomic
 from robusttrain.training.checkpoints import load_checkpoint
@@ -38,17 +48,14 @@ __all__ = ["run_comparison", "train_run"]
 _BACKPROP_STEP_FORWARDS = 3
 
 
-def _label(method: MethodSpec, sigma: float | None) -> str:
-    return method.name if sigma is None else f"{method.name} σ={sigma:g}"
-
-
-def _run_dir(out: Path, method: MethodSpec, sigma: float | None, seed: int) -> Path:
-    sub = Path(method.name) if sigma is None else Path(method.name) / f"sigma{sigma:g}"
-    return out / "runs" / sub / f"seed{seed}"
+def _run_dir(out: Path, method: MethodSpec, variant: Variant, seed: int) -> Path:
+    sub = variant.subdir()
+    folder = Path(method.name) if sub is None else Path(method.name) / sub
+    return out / "runs" / folder / f"seed{seed}"
 
 
 def _fit_args(
-    cfg: CompareConfig, method: MethodSpec, sigma: float | None, seed: int, run_dir: Path
+    cfg: CompareConfig, method: MethodSpec, variant: Variant, seed: int, run_dir: Path
 ) -> dict[str, Any]:
     """The LightningCLI ``fit`` configuration of one run, as a plain dict."""
     init_args = copy.deepcopy(method.model.get("init_args") or {})
@@ -57,9 +64,11 @@ def _fit_args(
         init_args["optimizer"] = copy.deepcopy(method.optimizer)
     if method.scheduler is not None:
         init_args["scheduler"] = copy.deepcopy(method.scheduler)
-    if sigma is not None:
-        init_args["sigma"] = sigma
-    if "seed" in _init_parameters(method.model["class_path"]):
+    if variant.sigma is not None:
+        init_args["sigma"] = variant.sigma
+    if variant.level is not None:
+        init_args["level"] = variant.level
+    if "seed" in init_parameters(method.model["class_path"]):
         init_args["seed"] = seed
     trainer = {
         "enable_progress_bar": False,
@@ -84,26 +93,25 @@ def _fit_args(
     return fit
 
 
-def _init_parameters(class_path: str) -> set[str]:
-    module, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    return set(inspect.signature(cls.__init__).parameters)
-
-
 def train_run(
-    cfg: CompareConfig, method: MethodSpec, sigma: float | None, seed: int, out: Path
+    cfg: CompareConfig, method: MethodSpec, variant: Variant | None, seed: int, out: Path
 ) -> dict[str, Any]:
-    """Train one (method, σ, seed) unless its ``result.json`` exists; return that result."""
-    run_dir = _run_dir(out, method, sigma, seed)
+    """Train one (method, variant, seed) unless its ``result.json`` exists; return that result.
+
+    ``variant`` None stands for ``Variant()``, a method without a σ or η grid.
+    """
+    variant = variant or Variant()
+    label = variant.label(method.name)
+    run_dir = _run_dir(out, method, variant, seed)
     result_path = run_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     progress_path = run_dir / "wall_time.json"
     earlier = json.loads(progress_path.read_text())["seconds"] if progress_path.is_file() else 0.0
-    args = _fit_args(cfg, method, sigma, seed, run_dir)
+    args = _fit_args(cfg, method, variant, seed, run_dir)
     resumed = "ckpt_path" in args
-    print(f"[compare] {'resuming' if resumed else 'training'} {_label(method, sigma)} seed {seed}")
+    print(f"[compare] {'resuming' if resumed else 'training'} {label} seed {seed}")
     start = time.perf_counter()
     ckpt_path = args.pop("ckpt_path", None)
     config_path = run_dir / "fit_config.yaml"
@@ -117,14 +125,16 @@ def train_run(
         write_atomic(progress_path, json.dumps({"seconds": elapsed}))
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
-        raise RuntimeError(f"training {_label(method, sigma)} seed {seed} wrote no {last}")
+        raise RuntimeError(f"training {label} seed {seed} wrote no {last}")
     steps = int(trainer.global_step)
     forwards = getattr(model, "_forward_passes", None)
     if forwards is None:
         forwards = steps * _BACKPROP_STEP_FORWARDS
     result = {
         "method": method.name,
-        "sigma": sigma,
+        "sigma": variant.sigma,
+        "level": variant.level,
+        "noise": method.noise,
         "seed": seed,
         "class_path": method.model["class_path"],
         "wall_time_s": round(elapsed, 2),
@@ -145,17 +155,19 @@ def run_comparison(
     Returns:
         The path of ``report.md``.
     """
+    spec = cfg.robustness_spec()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     for method in cfg.methods:
-        for sigma in method.variants():
+        for variant in method.variants():
             for seed in cfg.seeds:
-                results.append(train_run(cfg, method, sigma, seed, out))
+                r = train_run(cfg, method, variant, seed, out)
+                # result files written before training levels existed have no level/noise
+                r.setdefault("level", None)
+                r.setdefault("noise", method.noise)
+                results.append(r)
 
-    rob = {**ROBUSTNESS_DEFAULTS, **cfg.robustness}
-    # the clean accuracy (level 0) is what the drops are measured from
-    rob["levels"] = sorted({0.0, *(float(v) for v in rob["levels"])})
     models = {}
     for r in results:
         loaded = load_checkpoint(out / r["checkpoint"])
@@ -167,30 +179,26 @@ def run_comparison(
     dm = dm_cls(**{k: v for k, v in (cfg.data.get("init_args") or {}).items()})
     dm.setup("test")
     x, y = dm.test_x, dm.test_y
-    if rob["max_images"] is not None:
-        x, y = x[: rob["max_images"]], y[: rob["max_images"]]
+    if spec.max_images is not None:
+        x, y = x[: spec.max_images], y[: spec.max_images]
     x, y = x.to(device), y.to(device)
-    result = evaluate_models(
-        models,
-        x,
-        y,
-        noise=rob["noise"],
-        levels=rob["levels"],
-        draws=int(rob["draws"]),
-        seed=int(rob["seed"]),
-        progress=True,
-    )
-    write_report(result, out)
-    rows = _read_rows(out / "robustness.csv")
-    levels = rob["levels"]
-    entries = summarize_runs(results, rows, levels)
-    write_atomic(out / "comparison.json", json.dumps(entries, indent=2))
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for noise, levels in spec.levels.items():
+        folder = spec.out_dir(out, noise)
+        # the same seed for every noise model: draw k is the same ε for all (paired)
+        result = evaluate_models(models, x, y, noise=noise, levels=levels, draws=spec.draws,
+                                 seed=spec.seed, progress=True)
+        write_report(result, folder)
+        entries[noise] = summarize_runs(results, _read_rows(folder / "robustness.csv"), levels)
+        # replaces write_report's per-model plot with one curve per (method, variant)
+        plot_robustness(entries[noise], levels, noise, folder / "robustness.png", draws=spec.draws)
+        plot_frontier(entries[noise], levels, folder / "frontier.png", noise=noise)
+    saved = entries if spec.per_noise_folders else entries[spec.primary]
+    write_atomic(out / "comparison.json", json.dumps(saved, indent=2, ensure_ascii=False))
     command = command or f"robusttrain compare --config <{cfg.name}.yaml>"
-    report = render_report(cfg, entries, rob, time.perf_counter() - started, command)
+    report = render_report(cfg, entries, time.perf_counter() - started, command)
     write_atomic(out / "report.md", report)
-    plot_frontier(entries, levels, out / "frontier.png")
     return out / "report.md"
-
 
 
 def _data_class(data: dict[str, Any]) -> type:
