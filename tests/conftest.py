@@ -1,14 +1,16 @@
-"""Shared fixtures: where the real datasets are, for the tests that need them.
+"""Shared fixtures: where the real datasets are, for the tests that need them, and a tiny fake one.
 
 MNIST and CIFAR-10 are looked for in ``$ROBUSTTRAIN_TEST_DATA`` (CI points it at its copy), else in a
-``shared/data`` folder beside the checkout; Fashion-MNIST in Debian's
+``shared/data`` folder beside the checkout; Fashion-MNIST there too or in Debian's
 ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``). A test that needs a dataset
-that is absent skips and says which.
+that is absent skips and says which, and how to get it.
 """
 
 import os
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from robusttrain.data import DEBIAN_FASHION_DIR, load_arrays
@@ -40,17 +42,28 @@ def data_roots() -> dict[str, Path | None]:
 _HINTS = {
     "mnist": "set ROBUSTTRAIN_TEST_DATA to a folder holding MNIST/raw/",
     "cifar10": "set ROBUSTTRAIN_TEST_DATA to a folder holding cifar-10-batches-bin/",
-    "fashion_mnist": "apt-get install dataset-fashion-mnist",
+    "fashion_mnist": "apt-get install dataset-fashion-mnist, or set ROBUSTTRAIN_TEST_DATA to a "
+                     "folder holding FashionMNIST/raw/",
 }
+
+
+def _root_or_skip(name: str) -> Path:
+    root = _roots()[name]
+    if root is None:
+        pytest.skip(f"{name} files not found: {_HINTS[name]}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def require_data():
+    """``require_data(dataset)`` -> its ``data_dir``, or skip saying how to get the files."""
+    return _root_or_skip
 
 
 def _require(name: str):
     @pytest.fixture(scope="session")
     def fixture() -> Path:
-        root = _roots()[name]
-        if root is None:
-            pytest.skip(f"{name} files not found: {_HINTS[name]}")
-        return root
+        return _root_or_skip(name)
 
     return fixture
 
@@ -66,11 +79,31 @@ def real_arrays():
     cache: dict[str, dict] = {}
 
     def load(dataset: str) -> dict:
-        root = _roots()[dataset]
-        if root is None:
-            pytest.skip(f"{dataset} files not found: {_HINTS[dataset]}")
+        root = _root_or_skip(dataset)
         if dataset not in cache:
             cache[dataset] = load_arrays(dataset, root)
         return cache[dataset]
 
     return load
+
+
+def _idx(array: np.ndarray) -> bytes:
+    """IDX: magic 0x0000 0x08 ndim, one big-endian uint32 per dimension, the uint8 data."""
+    shape = b"".join(struct.pack(">I", n) for n in array.shape)
+    return bytes([0, 0, 0x08, array.ndim]) + shape + array.astype(np.uint8).tobytes()
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path) -> Path:
+    """A folder holding a valid MNIST-format dataset of 64 training and 16 test images of noise.
+
+    For tests of the command line that need a dataset but not a real one; pass
+    ``--data.init_args.val_size 16`` or less with it.
+    """
+    folder = tmp_path / "tiny_mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in [("train", 64), ("t10k", 16)]:
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (n, 28, 28))))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(np.arange(n) % 10))
+    return folder

@@ -24,7 +24,7 @@ MODULE_ORDER = {
     "training": ["checkpoints", "modules", "lightning_cli"],
     "evaluation": ["statistics", "robustness", "report"],
     "comparison": ["config", "report", "runner"],
-    "commands": ["robustness", "compare", "main"],
+    "commands": ["errors", "robustness", "compare", "main"],
 }
 
 

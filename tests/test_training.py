@@ -20,10 +20,8 @@ def _fit(model, datamodule, tmp_path, **trainer_kwargs):
 
 
 @pytest.fixture
-def fashion(data_roots):
-    if data_roots["fashion_mnist"] is None:
-        pytest.skip("Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
-    return FashionMNISTDataModule(data_dir=str(data_roots["fashion_mnist"]), batch_size=128)
+def fashion(fashion_dir):
+    return FashionMNISTDataModule(data_dir=str(fashion_dir), batch_size=128)
 
 
 @pytest.mark.slow

@@ -4,4 +4,6 @@
   LightningCLI (``fit``, ``validate``, ``test``, ``predict``).
 * :mod:`robusttrain.commands.robustness` — ``robusttrain robustness``.
 * :mod:`robusttrain.commands.compare` — ``robusttrain compare``.
+* :mod:`robusttrain.commands.errors` — which errors end a command in one line (exit code 2)
+  rather than a traceback.
 """

@@ -10,18 +10,24 @@ import argparse
 import sys
 from pathlib import Path
 
+from robusttrain.commands.errors import USAGE_ERROR, one_line_error
 from robusttrain.comparison.config import CompareConfigError, load_config
 from robusttrain.comparison.runner import run_comparison
 
-__all__ = ["main"]
+__all__ = ["DESCRIPTION", "main"]
+
+DESCRIPTION = "Train several methods and compare their accuracy under weight noise."
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``robusttrain compare --config FILE [--out DIR] [--device cpu|cuda]``."""
-    parser = argparse.ArgumentParser(
-        prog="robusttrain compare",
-        description="Train several methods and compare their accuracy under weight noise.",
-    )
+    """``robusttrain compare --config FILE [--out DIR] [--device cpu|cuda]``.
+
+    Returns:
+        0 on success, 2 on a bad comparison config or other anticipated bad input (a dataset
+        file, a method's arguments; see :mod:`robusttrain.commands.errors`), after printing one
+        line to stderr.
+    """
+    parser = argparse.ArgumentParser(prog="robusttrain compare", description=DESCRIPTION)
     parser.add_argument("--config", required=True, help="comparison YAML file")
     parser.add_argument("--out", help="output folder (default experiments/results/<name>)")
     parser.add_argument("--device", default="cpu", help="device for the robustness evaluation")
@@ -29,10 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
     except CompareConfigError as err:
-        print(f"robusttrain compare: {err}", file=sys.stderr)
-        return 2
+        print(f"robusttrain compare: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
     out = Path(args.out) if args.out else Path("experiments/results") / cfg.name
     command = f"robusttrain compare --config {args.config}" + (f" --out {args.out}" if args.out else "")
-    report = run_comparison(cfg, out, device=args.device, command=command)
+    try:
+        report = run_comparison(cfg, out, device=args.device, command=command)
+    except (ValueError, ArithmeticError) as err:  # DatasetError, NonFiniteLossError, ...
+        message = one_line_error(err)
+        if message is None:
+            raise
+        print(f"robusttrain compare: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
     print(report.read_text())
     return 0

@@ -20,7 +20,9 @@ from robusttrain.evaluation.robustness import BN_MODES, evaluate_models, level_k
 from robusttrain.noise import NOISE_MODELS
 from robusttrain.training.checkpoints import load_checkpoint
 
-__all__ = ["main"]
+__all__ = ["DESCRIPTION", "main"]
+
+DESCRIPTION = "Accuracy of trained checkpoints under random perturbations of their weights."
 
 
 class _UsageError(ValueError):
@@ -47,8 +49,7 @@ def _parse_levels(text: str) -> list[float]:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="robusttrain robustness",
-        description="Accuracy of trained checkpoints under random perturbations of their weights.",
+        prog="robusttrain robustness", description=DESCRIPTION,
     )
     parser.add_argument("--ckpt", action="append", required=True,
                         help="checkpoint written by `robusttrain fit` (repeatable)")

@@ -4,19 +4,32 @@
 subclasses) and :class:`robusttrain.data.ImageDataModule`. Each run writes
 ``runs/<name>/version_<k>/`` holding ``config.yaml`` (the resolved config), ``metrics.csv`` and
 ``checkpoints/{best,last}.ckpt``. The comparison trains its runs through it too.
+
+``validate`` and ``test`` of a checkpoint in such a ``checkpoints/`` folder log beside it, into
+``version_<k>/<subcommand>_<checkpoint>/`` (``test_last/config.yaml`` and ``test_last/metrics.csv``
+for ``last.ckpt``): the fit's own ``config.yaml`` and ``metrics.csv`` stay as they are (a CSVLogger
+pointed at the version folder itself would delete its ``metrics.csv``), and testing the same
+checkpoint again replaces only that folder.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from robusttrain.data import ImageDataModule
+from robusttrain.training.checkpoints import CheckpointError
 from robusttrain.training.modules import Classifier
 
 __all__ = ["RUNS_DIR", "RobustTrainCLI", "make_cli"]
 
 RUNS_DIR = "runs"
+
+# --ckpt_path values that Lightning resolves itself rather than reading a file
+_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
 
 
 class RobustTrainCLI(LightningCLI):
@@ -38,6 +51,43 @@ class RobustTrainCLI(LightningCLI):
         # The model's settings come from --config; a checkpoint holds only part of them (its
         # backbone and optimizer are not hyperparameters), so they are not merged back from it.
         return
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:  # run=False (the comparison): no --ckpt_path to look at
+            return
+        config = self.config[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None:
+            return
+        _check_ckpt_path(str(ckpt_path))
+        if self.subcommand in ("validate", "test"):
+            _log_beside_run(config, self.subcommand, Path(ckpt_path))
+
+
+def _check_ckpt_path(ckpt_path: str) -> None:
+    """Fail before anything is built when ``--ckpt_path`` names no file."""
+    if ckpt_path in _CKPT_KEYWORDS or ckpt_path.lower().startswith("registry:") or "://" in ckpt_path:
+        return  # resolved by Lightning (a keyword, its model registry, a remote file system)
+    if not Path(ckpt_path).is_file():
+        raise CheckpointError(
+            f"--ckpt_path {ckpt_path} is not a file; pass a checkpoint written by `robusttrain "
+            "fit`, e.g. runs/<name>/version_<k>/checkpoints/last.ckpt"
+        )
+
+
+def _log_beside_run(config: Namespace, subcommand: str, ckpt: Path) -> None:
+    """Log to ``<run>/<subcommand>_<stem>/`` when ``ckpt`` is ``<run>/checkpoints/<stem>.ckpt``.
+
+    Only a CSVLogger is redirected; another logger (or none) keeps its own layout.
+    """
+    logger = config.trainer.get("logger")
+    if ckpt.parent.name != "checkpoints" or not isinstance(logger, Namespace):
+        return
+    if logger.get("class_path", "").rsplit(".", 1)[-1] != "CSVLogger":
+        return
+    logger.init_args.save_dir = str(ckpt.parent.parent)
+    logger.init_args.name = ""
+    logger.init_args.version = f"{subcommand}_{ckpt.stem}"
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> RobustTrainCLI:

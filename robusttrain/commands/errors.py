@@ -1,0 +1,104 @@
+"""Which errors a command reports in one line instead of a traceback, and that line.
+
+Bad input that robusttrain anticipates ends a command with one line on stderr that names the file
+or the parameter and the fix, and exit code :data:`USAGE_ERROR`:
+
+* :class:`~robusttrain.data.DatasetError` — a dataset file missing, truncated or corrupt;
+* :class:`~robusttrain.training.CheckpointError` — a checkpoint path that is not a usable file;
+* :class:`~robusttrain.zo.NonFiniteLossError` — training diverged (the message says
+  which setting to lower);
+* a ``ValueError`` raised by the argument checks in the ``__init__`` of a robusttrain class (a
+  training method, backbone or data module that jsonargparse was building from the config).
+
+jsonargparse and Lightning wrap these (``raise ... from err``), so the chain of causes is searched.
+Anything else — a ``ValueError`` from torch, an ``AttributeError`` in our own code — is not bad
+input but a bug or an environment problem, and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch import nn
+
+from robusttrain.data import DatasetError
+from robusttrain.training import CheckpointError
+from robusttrain.zo import NonFiniteLossError
+
+__all__ = ["USAGE_ERROR", "one_line_error"]
+
+USAGE_ERROR = 2  # exit code of a command stopped by bad input, as argparse's
+
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+_OWN_ERRORS = (DatasetError, CheckpointError, NonFiniteLossError)
+
+
+def one_line_error(err: BaseException) -> str | None:
+    """The one-line message for anticipated bad input behind ``err``; ``None`` for anything else.
+
+    Args:
+        err: the exception that ended the command.
+
+    Returns:
+        The message of the anticipated error in ``err``'s chain of causes (``err`` itself, its
+        ``__cause__``, ...), whitespace collapsed to one line and, for an argument check, prefixed
+        with the config section it belongs to (``model.init_args (ZerothOrderClassifier): sigma
+        must be ...``); ``None`` when the chain holds none.
+    """
+    for cause in _causes(err):
+        if isinstance(cause, _OWN_ERRORS):
+            return _one_line(str(cause))
+        if isinstance(cause, ValueError):
+            owner = _checking_init(cause)
+            if owner is not None:
+                return f"{_section(owner)} ({type(owner).__name__}): {_one_line(str(cause))}"
+    return None
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    # only explicit causes (`raise ... from err`): an error raised while handling another one
+    # (`__context__`) is a new problem, not a report of the first
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__
+
+
+def _checking_init(err: BaseException) -> object | None:
+    """The robusttrain object whose ``__init__`` raised ``err``, directly or through a helper.
+
+    The raise must be in robusttrain's own code, and every frame between it and that ``__init__``
+    too: an ``__init__`` that called into torch which raised is not an argument check of ours.
+    """
+    frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)]
+    for frame in reversed(frames):  # innermost (the raise) first
+        if not _is_own(frame):
+            return None
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            return frame.f_locals["self"]
+    return None
+
+
+def _is_own(frame: FrameType) -> bool:
+    return Path(frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+def _section(owner: object) -> str:
+    """Where ``owner``'s arguments sit in a config (``--model.init_args.sigma`` on the command line)."""
+    if isinstance(owner, LightningModule):
+        return "model.init_args"
+    if isinstance(owner, LightningDataModule):
+        return "data.init_args"
+    if isinstance(owner, nn.Module):
+        return "model.init_args.backbone.init_args"
+    return "config"
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
