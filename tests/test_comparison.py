@@ -1,6 +1,7 @@
 """The comparison driver on a tiny budget: a complete report that matches the CSV, and resuming."""
 
 import csv
+import json
 import re
 import sys
 import types
@@ -160,6 +161,38 @@ def test_cifar_comparison_config_on_a_slice_of_real_cifar(tmp_path, data_roots):
     assert "| sgd_momentum |" in report and "| zo_nesterov | σ=0.01 |" in report
 
 
+@pytest.mark.slow
+def test_v2_comparison_config_runs_every_method_on_a_slice_of_real_cifar(tmp_path, data_roots):
+    # the v2 path end to end: η_train variants of the smoothed methods (Gaussian and low-rank ZO,
+    # noise injection), evaluation under two noise models, the report's matched-accuracy section
+    if data_roots["cifar10"] is None:
+        pytest.skip("CIFAR-10 files not found (set ROBUSTTRAIN_TEST_DATA)")
+    raw = yaml.safe_load((ROOT / "experiments" / "cifar10_lenet_v2.yaml").read_text())
+    raw["seeds"] = [0]
+    raw["trainer"] = {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1}
+    raw["data"]["init_args"].update(data_dir=str(data_roots["cifar10"]), batch_size=8,
+                                    eval_batch_size=64, train_subset=64)
+    for spec in raw["methods"].values():
+        if "levels" in spec:
+            spec["levels"] = spec["levels"][-1:]
+        if "num_pairs" in (spec["model"].get("init_args") or {}):
+            spec["model"]["init_args"]["num_pairs"] = 2
+    raw["robustness"].update(levels={"relative": [0, 0.1], "multiplicative": [0, 0.2]}, draws=2,
+                             max_images=64)
+    path = tmp_path / "cifar_v2.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    report = run_comparison(load_config(path), tmp_path / "out").read_text()
+    for label in ("sgd_momentum", "sgd_weight_decay", "noise_injection", "zo_lowrank",
+                  "zo_gaussian"):
+        assert f"| {label} |" in report
+    assert "η=0.1 (relative)" in report and "matched clean accuracy" in report.lower()
+    for noise in ("relative", "multiplicative"):
+        assert (tmp_path / "out" / noise / "robustness.csv").is_file()
+    result = json.loads((tmp_path / "out" / "runs" / "zo_lowrank" / "level0.1" / "seed0"
+                         / "result.json").read_text())
+    assert (result["noise"], result["level"]) == ("relative", 0.1)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -271,6 +304,7 @@ def _synthetic(levels_by_noise: dict[str, list[float]]):
         for seed in (0, 1):
             r = {"method": method, "sigma": variant.sigma, "seed": seed, "wall_time_s": 10.0 + seed,
                  "forward_equivalents": 300, "steps": 100, "max_abs_weight": 0.5 + 0.1 * seed,
+                 "weight_crest": 4.0 + seed,
                  "key": f"{variant.label(method)} seed{seed}"}
             if method != "ni":  # "ni" stands for a result.json from before `level` existed
                 r.update(level=variant.level, noise="relative" if variant.level else None)
@@ -336,7 +370,9 @@ def test_report_has_a_table_per_noise_model_and_drops_at_matched_clean_accuracy(
         assert [row[0] for row in table] == ["sgd_momentum", "zo", "zo", "ni"]
         assert [row[1] for row in table] == ["—", "η=0.02 (relative)", "η=0.05 (relative)", "σ=0.01"]
         # mean max|W| column: mean over seeds
-        assert [float(row[-3]) for row in table] == pytest.approx([0.55] * 4)
+        assert [float(row[-4]) for row in table] == pytest.approx([0.55] * 4)
+        # max|W|/rms column: mean over seeds too (seeds 0 and 1: 4.0 and 5.0)
+        assert [float(row[-3]) for row in table] == pytest.approx([4.5] * 4)
     assert r"mean max\|W\|" in report
 
     matched = _section(report, "At matched clean accuracy")

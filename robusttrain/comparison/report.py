@@ -105,6 +105,8 @@ def summarize_runs(
                 "forward_equivalents": float(np.mean([r["forward_equivalents"] for r in runs])),
                 "steps": int(np.mean([r["steps"] for r in runs])),
                 "max_abs_weight": float(np.mean([r["max_abs_weight"] for r in runs])),
+                "weight_crest": float(np.mean([r.get("weight_crest", float("nan"))
+                                               for r in runs])),
             }
         )
     return entries
@@ -136,13 +138,19 @@ def _nearest_level(levels: Sequence[float], target: float = 0.1) -> float:
 
 
 _MD_MAX_W = r"mean max\|W\|"
+_MD_CREST = r"max\|W\|/rms"
+
+
+def _crest(value: float | None) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
 def _table(noise: str, levels: list[float], entries: list[dict[str, Any]]) -> list[str]:
     sym = _symbol(noise)
     level_cols = [f"{sym}={lvl:g}" for lvl in levels if lvl != 0.0]
     header = ["method", "trained with", "clean", *level_cols, "1-pt drop", "5-pt drop",
-              "10-pt drop", "AUC", _MD_MAX_W, "wall time / run", "forward equiv. / run"]
+              "10-pt drop", "AUC", _MD_MAX_W, _MD_CREST, "wall time / run",
+              "forward equiv. / run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for e in entries:
         cells = [e["method"], _trained_with(e), _pct(e["clean_mean"], e["clean_std"])]
@@ -150,7 +158,8 @@ def _table(noise: str, levels: list[float], entries: list[dict[str, Any]]) -> li
                   for i, lvl in enumerate(levels) if lvl != 0.0]
         cells += [_fmt(d, 3) for d in e["drops"]]
         cells += [f"{100 * e['auc']:.2f}", f"{e['max_abs_weight']:.3f}",
-                  f"{e['wall_time_s']:.0f} s", f"{e['forward_equivalents']:.3g}"]
+                  _crest(e.get("weight_crest")), f"{e['wall_time_s']:.0f} s",
+                  f"{e['forward_equivalents']:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -263,7 +272,10 @@ def render_report(
         "its draws). Drop columns: the noise level at which mean accuracy falls 1, 5 and 10 points "
         "below the clean accuracy (linear interpolation). AUC: area under the accuracy-vs-level "
         "curve divided by the level range (an average accuracy). Mean max|W|: max|W| of each "
-        "Linear/Conv weight tensor, averaged over tensors and seeds. Forward-pass equivalents per "
+        "Linear/Conv weight tensor, averaged over tensors and seeds; max|W|/rms: the spread of "
+        "each tensor's weights, max|W| over their root-mean-square, averaged the same way (relative "
+        "noise puts η·max|W| on every weight, so a typical weight gets noise η·max|W|/rms of its "
+        "size: the smaller this ratio, the less the same η hurts). Forward-pass equivalents per "
         "run: a backprop step counts 3, a zeroth-order step 2N + 1.",
         "",
     ]

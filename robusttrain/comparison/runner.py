@@ -175,6 +175,7 @@ def run_comparison(
         models[key] = loaded.backbone.to(device)
         r["key"] = key
         r["max_abs_weight"] = _mean_layer_max_abs(loaded.backbone)
+        r["weight_crest"] = _mean_layer_crest(loaded.backbone)
     dm_cls = _data_class(cfg.data)
     dm = dm_cls(**{k: v for k, v in (cfg.data.get("init_args") or {}).items()})
     dm.setup("test")
@@ -214,6 +215,23 @@ def _mean_layer_max_abs(model: torch.nn.Module) -> float:
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
     ]
     return float(np.mean(values))
+
+
+def _mean_layer_crest(model: torch.nn.Module) -> float:
+    """Mean over Linear/Conv weight tensors of max|W| / rms(W), the spread of the weights.
+
+    Relative noise gives every weight of a tensor the standard deviation η·max|W|, so the noise
+    on a typical weight, relative to its size, is η·max|W|/rms(W): a tensor whose weights are all
+    of similar size (small ratio) loses less to the same η than one with a few large weights.
+    """
+    values = []
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            w = m.weight.detach().float()
+            rms = w.pow(2).mean().sqrt().item()
+            if rms > 0:
+                values.append(w.abs().max().item() / rms)
+    return float(np.mean(values)) if values else float("nan")
 
 
 def _read_rows(csv_path: Path) -> list[dict[str, Any]]:
