@@ -31,9 +31,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from robusttrain.models import MLP
-from robusttrain.training import CheckpointError, load_checkpoint
+from robusttrain.training import (
+    BestAndLastCheckpoint,
+    CheckpointError,
+    Classifier,
+    load_checkpoint,
+)
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v0_1.ckpt"
 
@@ -85,3 +93,53 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"robusttrain": {"format": 1, "backbone": spec}, "state_dict": {}}, wrong)
     with pytest.raises(CheckpointError, match="weights do not fit"):
         load_checkpoint(wrong)
+
+
+# --- last.ckpt is the final state, best.ckpt the best epoch --------------------------------------
+
+
+class _FallingAccuracy(Classifier):
+    """Logs a validation accuracy that falls every epoch, so the best epoch is the first."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/acc", 1.0 - 0.1 * self.current_epoch)
+
+
+def _fit_with(callback, tmp_path, epochs=3, val_check_interval=1.0):
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    model = _FallingAccuracy(MLP(4, [3], 2), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    trainer = Trainer(max_epochs=epochs, logger=False, callbacks=[callback],
+                      enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, num_sanity_val_steps=0,
+                      val_check_interval=val_check_interval)
+    trainer.fit(model, loader, loader)
+    return trainer, model
+
+
+def _step_of(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def test_lightnings_own_save_last_keeps_a_stale_last_ckpt(tmp_path):
+    # the behaviour BestAndLastCheckpoint works around (Lightning 2.6): if this starts failing,
+    # Lightning writes last.ckpt at the end by itself and the subclass may be simplified
+    callback = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", save_last=True,
+                               filename="best")
+    trainer, _ = _fit_with(callback, tmp_path)
+    assert _step_of(tmp_path / "last.ckpt") == 4 < trainer.global_step == 12
+
+
+@pytest.mark.parametrize("val_check_interval", [1.0, 0.5])  # once an epoch, and mid-epoch too
+def test_last_ckpt_holds_the_final_state_and_best_ckpt_the_best_epoch(tmp_path, val_check_interval):
+    callback = BestAndLastCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max",
+                                     save_last=True, filename="best")
+    trainer, model = _fit_with(callback, tmp_path, val_check_interval=val_check_interval)
+    # the best is the first validation: after 4 steps (an epoch of 4 batches of 8), or 2
+    assert _step_of(tmp_path / "best.ckpt") == int(4 * val_check_interval)
+    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == trainer.global_step == 12
+    for name, value in model.state_dict().items():
+        assert torch.equal(last["state_dict"][name], value), name
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]

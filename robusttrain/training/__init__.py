@@ -11,6 +11,7 @@
 
 from robusttrain.training.checkpoints import (
     CHECKPOINT_FORMAT,
+    BestAndLastCheckpoint,
     CheckpointError,
     LoadedCheckpoint,
     load_checkpoint,
@@ -25,6 +26,7 @@ from robusttrain.training.modules import (
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "BestAndLastCheckpoint",
     "CheckpointError",
     "Classifier",
     "LoadedCheckpoint",

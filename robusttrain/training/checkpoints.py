@@ -1,4 +1,8 @@
-"""Reading robusttrain checkpoints for evaluation, without executing code from them.
+"""Writing and reading robusttrain checkpoints.
+
+:class:`BestAndLastCheckpoint` writes them during a run: ``best.ckpt`` by the monitored metric and
+``last.ckpt``, always the latest state. The rest of this module reads them for evaluation, without
+executing code from them.
 
 Every LightningModule of :mod:`robusttrain.training.modules` writes a ``robusttrain`` entry into
 its checkpoints: the format number (:data:`CHECKPOINT_FORMAT`), the training method, the
@@ -14,13 +18,73 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from robusttrain.models import build_backbone
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "LoadedCheckpoint", "load_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "BestAndLastCheckpoint",
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "load_checkpoint",
+]
 
 CHECKPOINT_FORMAT = 1
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always the latest state of the run.
+
+    Lightning (2.6) writes ``last.ckpt`` (``save_last=True``) only at a step where a top-k
+    checkpoint was saved too, and at the end only if nothing was saved before: with
+    ``monitor="val/acc"`` and ``save_top_k=1``, a run whose accuracy fell in its last epoch ended
+    with a ``last.ckpt`` of the best epoch. This subclass also writes ``last.ckpt`` at every save
+    point (end of a validation or of a training epoch) and at the end of training whenever it does
+    not already hold that step, so ``last.ckpt`` is the final state; ``best.ckpt`` is unchanged.
+    ``tests/test_checkpoints.py`` pins this against the installed Lightning.
+    """
+
+    _last_step_written: int | None = None
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_step_written = trainer.global_step
+
+    def _refresh_last(self, trainer: Trainer) -> None:
+        if (
+            not self.save_last
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+            or trainer.fast_dev_run
+            or self._last_step_written == trainer.global_step
+            or trainer.global_step == 0
+        ):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    # The parent saves its top-k checkpoint either at the end of each validation or at the end of
+    # each training epoch (``_should_save_on_train_epoch_end``). ``last.ckpt`` is refreshed right
+    # after that save, in the same hook: a save in the other hook would mark the step as saved
+    # and make the parent skip its top-k save.
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._refresh_last(trainer)
 
 
 class CheckpointError(ValueError):

@@ -17,11 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from robusttrain.data import ImageDataModule
-from robusttrain.training.checkpoints import CheckpointError
+from robusttrain.training.checkpoints import BestAndLastCheckpoint, CheckpointError
 from robusttrain.training.modules import Classifier
 
 __all__ = ["RUNS_DIR", "RobustTrainCLI", "make_cli"]
@@ -36,7 +35,7 @@ class RobustTrainCLI(LightningCLI):
     """LightningCLI with robusttrain's defaults: CSV logs and best/last checkpoints under ``runs/``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
