@@ -459,3 +459,15 @@ def test_plots_draw_one_styled_curve_per_entry_with_the_legend_outside(tmp_path,
     plot_frontier(entries, levels, tmp_path / "frontier.png", noise=noise)
     for name in ("robustness.png", "frontier.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_ends_by_saying_where_the_results_are(tmp_path):
+    from robusttrain.commands.compare import _where
+
+    for name in ["report.md", "relative/robustness.png", "runs/sgd/seed0/result.json"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    text = _where(tmp_path)
+    assert f"Results in {tmp_path}/: relative/robustness.png, report.md" in text
+    assert "result.json" not in text and f"{tmp_path}/runs/" in text
+    assert "Reading the table" in text

@@ -48,4 +48,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"robusttrain compare: error: {message}", file=sys.stderr)
         return USAGE_ERROR
     print(report.read_text())
+    print(_where(out))
     return 0
+
+
+def _where(out: Path) -> str:
+    """The closing lines: where the results are and how to read the table."""
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                   if p.is_file() and "runs" not in p.relative_to(out).parts)
+    return (
+        f"Results in {out}/: {', '.join(files)} (trained runs in {out}/runs/).\n"
+        "Reading the table: each row is one method (and training level); the η columns are test "
+        "accuracy under that much weight noise, so the flatter the row, the more robust the model; "
+        "compare rows of similar clean accuracy (the 'At matched clean accuracy' table)."
+    )
