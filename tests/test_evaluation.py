@@ -425,3 +425,25 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, fake_fashion, args,
     err = captured.err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("batchnorm_layers", [0, 2])
+def test_robustness_plot_names_batchnorm_only_when_it_applies_and_keeps_the_legend_outside(
+    trained, batchnorm_layers
+):
+    import matplotlib.pyplot as plt
+
+    from robusttrain.evaluation.report import robustness_figure
+
+    model, x, y = trained
+    result = evaluate_models({"a": model, "b": model}, x, y, levels=[0.1, 0.5], draws=3,
+                             progress=False)
+    summaries = {k: {**v, "batchnorm_layers": batchnorm_layers}
+                 for k, v in result.summaries.items()}
+    fig = robustness_figure(summaries)
+    ax = fig.axes[0]
+    assert ("BatchNorm" in ax.get_title()) == (batchnorm_layers > 0)
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert not legend.overlaps(ax.get_window_extent())
+    plt.close(fig)

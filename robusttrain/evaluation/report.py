@@ -20,7 +20,7 @@ import numpy as np
 from robusttrain.evaluation.robustness import CSV_FIELDS, DROP_POINTS, RobustnessResult, level_key
 from robusttrain.files import write_atomic
 
-__all__ = ["format_table", "plot_robustness", "write_report"]
+__all__ = ["format_table", "plot_robustness", "robustness_figure", "write_report"]
 
 
 def _json_safe(value: Any) -> Any:
@@ -79,7 +79,23 @@ _LEVEL_LABELS = {
 def plot_robustness(
     summaries: Mapping[str, Mapping[str, Any]] | RobustnessResult, path: str | Path
 ) -> None:
-    """Accuracy vs noise level, models overlaid; written atomically as a PNG (Agg backend).
+    """:func:`robustness_figure`, written atomically as a PNG (Agg backend).
+
+    Args:
+        summaries: as in :func:`robustness_figure`.
+        path: the PNG to write.
+    """
+    import matplotlib.pyplot as plt
+
+    fig = robustness_figure(summaries)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    write_atomic(Path(path), buf.getvalue())
+
+
+def robustness_figure(summaries: Mapping[str, Mapping[str, Any]] | RobustnessResult) -> Any:
+    """Accuracy vs noise level, models overlaid, as a matplotlib figure (Agg backend).
 
     Each model gets its mean-accuracy line, a shaded band from the 5th to the 95th percentile of
     the draws, error bars for the 95% CI of the mean, and a dotted line at its clean accuracy; the
@@ -88,7 +104,9 @@ def plot_robustness(
     Args:
         summaries: model name -> summary as in ``summary.json`` (``result.summaries``), or a
             :class:`RobustnessResult`.
-        path: the PNG to write.
+
+    The legend sits outside the axes, and the title names the BatchNorm setting only when a
+    model has BatchNorm layers.
     """
     import matplotlib
 
@@ -104,6 +122,7 @@ def plot_robustness(
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     handles = []
     noise = bn_mode = draws = None
+    any_batchnorm = False
     for i, (name, summary) in enumerate(summaries.items()):
         color = plt.cm.tab10(i % 10)
         stats = sorted(summary["levels"].values(), key=lambda s: s["level"])
@@ -117,6 +136,7 @@ def plot_robustness(
         ax.axhline(100 * summary["clean_accuracy"], color=color, ls=":", lw=0.9)
         handles.append(Line2D([], [], color=color, marker="o", markersize=3, label=name))
         noise, bn_mode, draws = summary.get("noise"), summary.get("bn_mode"), summary.get("draws")
+        any_batchnorm = any_batchnorm or bool(summary.get("batchnorm_layers", 0))
     handles += [
         Patch(color="gray", alpha=0.25, label="band: 5th–95th percentile of draws"),
         Line2D([], [], color="gray", marker="|", ls="none", label="error bar: 95% CI of the mean"),
@@ -124,15 +144,16 @@ def plot_robustness(
     ]
     ax.set_xlabel(_LEVEL_LABELS.get(noise, "noise level"))
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"accuracy under {noise} weight noise ({draws} draws per level, "
-                 f"BatchNorm statistics: {bn_mode})", fontsize=9)
+    # the BatchNorm setting only applies to networks that have BatchNorm layers
+    batchnorm = f", BatchNorm statistics: {bn_mode}" if any_batchnorm else ""
+    ax.set_title(f"accuracy under {noise} weight noise ({draws} draws per level{batchnorm})",
+                 fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(handles=handles, fontsize=7, loc="best")
+    # outside the axes, so that it never covers a curve
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              borderaxespad=0.0)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    write_atomic(Path(path), buf.getvalue())
+    return fig
 
 
 def _fmt_level(value: float | None) -> str:
