@@ -3,8 +3,10 @@
 Every (method, variant, seed) is trained once with ``robusttrain fit`` semantics into
 ``<out>/runs/<method>[/sigma<σ> | /level<η>]/seed<k>/``; a run that finished (``result.json``) is
 reused and an interrupted one resumes from its ``last.ckpt``, so an interrupted comparison picks up
-where it stopped. ``result.json`` records ``sigma``, ``level`` and the method's training ``noise``
-(None where not used; files without ``level``/``noise``, from before, are read as None).
+where it stopped. A run folder holds ``fit_config.yaml``, ``checkpoints/{best,last}.ckpt``,
+``logs/version_<k>/metrics.csv`` (one version per start) and ``result.json``, which records
+``sigma``, ``level`` and the method's training ``noise`` (None where not used; files without
+``level``/``noise``, from before, are read as None).
 
 All final checkpoints are then evaluated on the test split under the same weight-noise draws
 (paired) for each evaluation noise model, and written atomically: per noise model
@@ -77,7 +79,9 @@ def _fit_args(
         "default_root_dir": str(run_dir),
         "logger": {
             "class_path": "lightning.pytorch.loggers.CSVLogger",
-            "init_args": {"save_dir": str(run_dir), "name": "", "version": ""},
+            # logs/version_<k>/ per (re)start: the run folder already holds fit_config.yaml (a
+            # CSVLogger pointed at it would warn and delete the metrics of an interrupted start)
+            "init_args": {"save_dir": str(run_dir), "name": "logs"},
         },
     }
     fit: dict[str, Any] = {
