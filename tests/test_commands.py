@@ -143,6 +143,15 @@ def test_bad_argument_names_its_section_and_parameter(option, value, section, me
     assert message in line
 
 
+def test_a_data_setting_checked_against_the_files_is_one_line(tiny_mnist, tmp_path, monkeypatch,
+                                                               capsys):
+    monkeypatch.chdir(tmp_path)
+    args = [*_tiny_mnist_args(tiny_mnist), "--data.init_args.val_size", "100000"]
+    line = _fails_in_one_line(capsys, ["fit", *args])
+    assert line.startswith("robusttrain fit: error: data.init_args (MNISTDataModule): ")
+    assert "val_size=100000 leaves no training images" in line
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_missing_or_truncated_dataset_file_is_named(damage, tiny_mnist, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -8,7 +8,8 @@ or the parameter and the fix, and exit code :data:`USAGE_ERROR`:
 * :class:`~robusttrain.zo.NonFiniteLossError` — training diverged (the message says
   which setting to lower);
 * a ``ValueError`` raised by the argument checks in the ``__init__`` of a robusttrain class (a
-  training method, backbone or data module that jsonargparse was building from the config).
+  training method, backbone or data module that jsonargparse was building from the config), or in
+  a robusttrain data module's ``setup``/``prepare_data`` (settings checked against the files).
 
 jsonargparse and Lightning wrap these (``raise ... from err``), so the chain of causes is searched.
 Anything else — a ``ValueError`` from torch, an ``AttributeError`` in our own code — is not bad
@@ -81,6 +82,12 @@ def _checking_init(err: BaseException) -> object | None:
         if not _is_own(frame):
             return None
         if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            return frame.f_locals["self"]
+        # a data module checks the settings that need the files (val_size against the training
+        # set) when it reads them
+        if frame.f_code.co_name in ("setup", "prepare_data") and isinstance(
+            frame.f_locals.get("self"), LightningDataModule
+        ):
             return frame.f_locals["self"]
     return None
 
