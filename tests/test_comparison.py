@@ -142,15 +142,21 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, fashion_dir, mon
     assert result["steps"] == 2 * 20  # the second epoch only added its 20 steps
 
 
-@pytest.mark.slow
-def test_cifar_comparison_config_on_a_slice_of_real_cifar(tmp_path, data_roots):
+def _cifar_slice(name: str, data_roots) -> dict:
+    """A committed CIFAR-10 comparison config cut down to one seed, 2 steps and 64 images."""
     if data_roots["cifar10"] is None:
         pytest.skip("CIFAR-10 files not found (set ROBUSTTRAIN_TEST_DATA)")
-    raw = yaml.safe_load((ROOT / "experiments" / "cifar10_resnet20.yaml").read_text())
+    raw = yaml.safe_load((ROOT / "experiments" / name).read_text())
     raw["seeds"] = [0]
     raw["trainer"] = {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1}
     raw["data"]["init_args"].update(data_dir=str(data_roots["cifar10"]), batch_size=8,
                                     eval_batch_size=64, train_subset=64)
+    return raw
+
+
+@pytest.mark.slow
+def test_cifar_comparison_config_on_a_slice_of_real_cifar(tmp_path, data_roots):
+    raw = _cifar_slice("cifar10_resnet20.yaml", data_roots)
     raw["methods"] = {k: raw["methods"][k] for k in ["sgd_momentum", "zo_nesterov"]}
     raw["methods"]["zo_nesterov"]["sigmas"] = [0.01]
     raw["methods"]["zo_nesterov"]["model"]["init_args"]["num_pairs"] = 2
@@ -165,13 +171,7 @@ def test_cifar_comparison_config_on_a_slice_of_real_cifar(tmp_path, data_roots):
 def test_v2_comparison_config_runs_every_method_on_a_slice_of_real_cifar(tmp_path, data_roots):
     # the v2 path end to end: η_train variants of the smoothed methods (Gaussian and low-rank ZO,
     # noise injection), evaluation under two noise models, the report's matched-accuracy section
-    if data_roots["cifar10"] is None:
-        pytest.skip("CIFAR-10 files not found (set ROBUSTTRAIN_TEST_DATA)")
-    raw = yaml.safe_load((ROOT / "experiments" / "cifar10_lenet_v2.yaml").read_text())
-    raw["seeds"] = [0]
-    raw["trainer"] = {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1}
-    raw["data"]["init_args"].update(data_dir=str(data_roots["cifar10"]), batch_size=8,
-                                    eval_batch_size=64, train_subset=64)
+    raw = _cifar_slice("cifar10_lenet_v2.yaml", data_roots)
     for spec in raw["methods"].values():
         if "levels" in spec:
             spec["levels"] = spec["levels"][-1:]

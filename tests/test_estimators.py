@@ -38,13 +38,8 @@ K = 4.5
 
 
 @pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # the tensors here are tiny: intra-op threads only add synchronisation to every call (on a
-    # busy 2-core machine a 64×8 forward pass went from 0.2 ms to 20 ms with two threads)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(single_thread):
+    """Tiny tensors: one intra-op thread (conftest.single_thread)."""
 
 
 def many_estimates(make_loss, theta0, m, **options):

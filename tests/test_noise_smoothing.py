@@ -30,11 +30,8 @@ SIGMA_OTHER = 0.7  # the absolute σ of the bias (outside the noise models)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(single_thread):
+    """Tiny tensors: one intra-op thread (conftest.single_thread)."""
 
 
 def within(estimates, truth):

@@ -369,6 +369,15 @@ def _check_sigmas(params: list[torch.Tensor], sigmas: Sequence[float | torch.Ten
                 raise ValueError(f"sigma[{index}]: {err}") from None
 
 
+def _elementwise_lowrank_error(index: int) -> ValueError:
+    """The refusal of an elementwise scale on a tensor with low-rank directions."""
+    return ValueError(
+        f"sigma[{index}] varies within a tensor that gets low-rank directions: an elementwise "
+        "scale times A Bᵀ is no longer low rank (multiplicative noise cannot be low-rank); use "
+        "perturbation 'gaussian'"
+    )
+
+
 def _flat_sigmas(
     params: list[torch.Tensor], sigmas: Sequence[float | torch.Tensor], family: Perturbation
 ) -> torch.Tensor:
@@ -376,11 +385,7 @@ def _flat_sigmas(
     flat = []
     for index, (p, s) in enumerate(zip(params, sigmas)):
         if isinstance(s, torch.Tensor) and s.dim() > 0 and family.is_lowrank(p):
-            raise ValueError(
-                f"sigma[{index}] varies within a tensor that gets low-rank directions: an "
-                "elementwise scale times A Bᵀ is no longer low rank (multiplicative noise cannot "
-                "be low-rank); use perturbation 'gaussian'"
-            )
+            raise _elementwise_lowrank_error(index)
         value = s.detach().float() if isinstance(s, torch.Tensor) else torch.tensor(float(s))
         flat.append(value.to(p.device).expand(p.shape).reshape(-1))
     return torch.cat(flat)

@@ -49,6 +49,7 @@ from robusttrain.zo.estimators import (
     NonFiniteLossError,
     SmoothedGradEstimate,
     _check_args,
+    _elementwise_lowrank_error,
     _per_tensor,
     fitness_shaping_name,
     pair_coefficients,
@@ -398,11 +399,7 @@ def _scaled(
     """One tensor's directions times its smoothing scale (a number or a tensor of its shape)."""
     if isinstance(part, LowRankFactors):
         if isinstance(scale, torch.Tensor) and scale.dim() > 0:
-            raise ValueError(
-                f"sigma[{index}] varies within a tensor that gets low-rank directions: an "
-                "elementwise scale times A Bᵀ is no longer low rank (multiplicative noise cannot "
-                "be low-rank); use perturbation 'gaussian'"
-            )
+            raise _elementwise_lowrank_error(index)
         return dataclasses.replace(part, scale=part.scale * scale)
     if isinstance(scale, torch.Tensor):
         return part * scale.to(part.dtype)  # (K, *shape) times a 0-dim or (*shape) scale
