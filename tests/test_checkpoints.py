@@ -143,3 +143,54 @@ def test_last_ckpt_holds_the_final_state_and_best_ckpt_the_best_epoch(tmp_path, 
     for name, value in model.state_dict().items():
         assert torch.equal(last["state_dict"][name], value), name
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+
+
+class _RisingAccuracy(Classifier):
+    """Logs a validation accuracy that rises every validation, so every validation is the best."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/acc", float(self.global_step))
+
+
+class _Recording(BestAndLastCheckpoint):
+    """Records which file each save wrote, and at which step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.saves = []
+
+    def _save_checkpoint(self, trainer, filepath):
+        super()._save_checkpoint(trainer, filepath)
+        self.saves.append((Path(filepath).name, trainer.global_step))
+
+
+def test_last_every_n_steps_saves_mid_epoch_and_keeps_the_best(tmp_path):
+    callback = _Recording(dirpath=tmp_path, monitor="val/acc", mode="max", save_last=True,
+                          filename="best", last_every_n_steps=3)
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 4), torch.randint(0, 2, (48,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # 6 batches an epoch
+    model = _RisingAccuracy(MLP(4, [3], 2), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    trainer = Trainer(max_epochs=2, logger=False, callbacks=[callback], enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path,
+                      num_sanity_val_steps=0, val_check_interval=0.5)  # validate at 3 and 6
+    trainer.fit(model, loader, loader)
+    best_steps = [step for name, step in callback.saves if name == "best.ckpt"]
+    last_steps = [step for name, step in callback.saves if name == "last.ckpt"]
+    # every validation (steps 3, 6, 9, 12) improves: each writes best.ckpt, also at step 3 and 9
+    # where the step-based last.ckpt was written just before it
+    assert best_steps == [3, 6, 9, 12]
+    # last.ckpt: before and after the validations of steps 3 and 9, after those of 6 and 12
+    # (the end of an epoch is left to the epoch's own save point), never twice for one state
+    assert last_steps == [3, 3, 6, 9, 9, 12]
+    assert _step_of(tmp_path / "last.ckpt") == 12
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"last_every_n_steps": -1}, "last_every_n_steps must be an integer >= 0"),
+    ({"last_every_n_steps": 2.5}, "last_every_n_steps must be an integer >= 0"),
+    ({"last_every_n_steps": 2, "save_last": False}, "needs save_last=True"),
+])
+def test_last_every_n_steps_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BestAndLastCheckpoint(**{"save_last": True, **kwargs})

@@ -23,6 +23,7 @@ from robusttrain.data import (
     FashionMNISTDataModule,
     ImageDataModule,
     MNISTDataModule,
+    ResumableDataLoader,
     datamodules,
     download,
     load_arrays,
@@ -471,6 +472,92 @@ def test_training_loader_shards_under_a_distributed_sampler(tmp_path):
         assert sorted(torch.cat(seen).tolist()) == sorted(dm.train_y.tolist())  # a partition
         orders[epoch] = seen[0]
     assert not torch.equal(orders[0], orders[1])  # set_epoch reaches the inner sampler
+
+
+def _labels(batches):
+    return [y.tolist() for _, y in batches]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_training_loader_resumes_in_the_middle_of_an_epoch(tmp_path, num_workers):
+    dm = small_module(tmp_path, batch_size=8, num_workers=num_workers)
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert isinstance(loader, ResumableDataLoader)
+    loader.sampler.set_epoch(3)
+    full = _labels(loader)
+    assert len(full) == 10
+    iterator = iter(loader)
+    seen = [next(iterator) for _ in range(4)]
+    state = loader.state_dict()
+    assert state == {"epoch": 3, "batches": 4}
+
+    fresh = dm.train_dataloader()  # a new process: nothing but the state
+    fresh.load_state_dict(state)
+    fresh.sampler.set_epoch(3)  # Lightning sets the epoch after loading the state
+    assert _labels(seen) + _labels(fresh) == full
+    assert fresh.state_dict() == {"epoch": 3, "batches": 10}
+    assert _labels(fresh) == full  # the skip applies once
+
+    other_epoch = dm.train_dataloader()  # a state of another epoch is not applied
+    other_epoch.load_state_dict({"epoch": 2, "batches": 4})
+    other_epoch.sampler.set_epoch(3)
+    assert _labels(other_epoch) == full
+    ended = dm.train_dataloader()  # an epoch that had ended yields nothing more
+    ended.load_state_dict({"epoch": 3, "batches": 10})
+    ended.sampler.set_epoch(3)
+    assert _labels(ended) == []
+
+
+def test_training_loader_resumes_each_rank_under_a_distributed_sampler(tmp_path):
+    dm = small_module(tmp_path, batch_size=8)
+    dm.setup()
+    base = dm.train_dataloader()
+
+    def shard(rank):
+        sampler = DistributedSamplerWrapper(base.sampler, num_replicas=2, rank=rank, shuffle=False)
+        sampler.set_epoch(1)
+        return ResumableDataLoader(base.dataset, batch_size=8, sampler=sampler,
+                                   collate_fn=base.collate_fn)
+
+    for rank in (0, 1):
+        full = _labels(shard(rank))
+        loader = shard(rank)
+        iterator = iter(loader)
+        head = [next(iterator) for _ in range(2)]
+        resumed = shard(rank)
+        resumed.load_state_dict(loader.state_dict())
+        assert loader.state_dict() == {"epoch": 1, "batches": 2}
+        assert _labels(head) + _labels(resumed) == full
+
+
+@pytest.mark.parametrize("state", [{}, {"epoch": 0}, {"epoch": 0, "batches": "x"},
+                                   {"epoch": 0, "batches": -1}])
+def test_training_loader_rejects_a_foreign_state(tmp_path, state):
+    dm = small_module(tmp_path)
+    dm.setup()
+    with pytest.raises(ValueError, match="ResumableDataLoader state|batches yielded"):
+        dm.train_dataloader().load_state_dict(state)
+
+
+def test_augmentation_is_a_function_of_the_batch_position(tmp_path):
+    dm = small_module(tmp_path, augment=True)
+    dm.setup()
+    x = dm.train_x[:16]
+
+    def trainer_at(epoch, batch, rank=0):
+        progress = SimpleNamespace(current=SimpleNamespace(ready=batch))
+        return SimpleNamespace(training=True, current_epoch=epoch, global_rank=rank,
+                               fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+                                   batch_progress=progress)))
+
+    def augmented(*position):
+        dm.trainer = trainer_at(*position)
+        return dm.on_after_batch_transfer((x, dm.train_y[:16]), 0)[0]
+
+    assert torch.equal(augmented(2, 5), augmented(2, 5))
+    for other in [(2, 6), (3, 5), (2, 5, 1)]:
+        assert not torch.equal(augmented(2, 5), augmented(*other)), other
 
 
 def test_bad_settings_are_clear_errors(tmp_path):

@@ -2,8 +2,9 @@
 
 :class:`ImageDataModule` reads the files once (:func:`robusttrain.data.sources.load_arrays`),
 normalizes them and serves batches gathered with one indexing op (:class:`TensorBatches`), shuffled
-by a function of (seed, epoch) only (:class:`EpochShuffleSampler`), with an optional batched crop
-and flip augmentation (:func:`random_crop_flip`). :class:`MNISTDataModule`,
+by a function of (seed, epoch) only (:class:`EpochShuffleSampler`) through a loader that can resume
+in the middle of an epoch (:class:`ResumableDataLoader`), with an optional batched crop and flip
+augmentation (:func:`random_crop_flip`) drawn from (seed, epoch, batch). :class:`MNISTDataModule`,
 :class:`FashionMNISTDataModule` and :class:`CIFAR10DataModule` fix its ``dataset``.
 """
 
@@ -27,6 +28,7 @@ __all__ = [
     "CIFAR10DataModule",
     "TensorBatches",
     "EpochShuffleSampler",
+    "ResumableDataLoader",
     "pass_batch",
     "random_crop_flip",
 ]
@@ -91,6 +93,97 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position within the epoch is part of a checkpoint.
+
+    Lightning saves the ``state_dict`` of every training loader that has one into the checkpoint
+    (``loops.fit_loop.state_dict.combined_loader``) and hands it back to ``load_state_dict``
+    before the resumed run draws its first batch. The state is the sampler's epoch and the number
+    of batches this loader has yielded in it; when the resumed run iterates the same epoch again,
+    the loader skips that many batches of indices (without gathering their data), so a run resumed
+    from a checkpoint taken in the middle of an epoch sees exactly the batches the uninterrupted
+    run saw. The skip is decided at the first batch, after Lightning's ``set_epoch``, and counts
+    batches of this process: under DDP each rank skips its own share.
+
+    Args and behaviour are those of ``torch.utils.data.DataLoader``; the sampler should have an
+    ``epoch`` attribute (:class:`EpochShuffleSampler`, ``DistributedSampler``) — without one, the
+    state applies to the next iteration whatever it is.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._position: tuple[int | None, int] = (None, 0)  # (epoch, batches yielded)
+        self._pending: tuple[int | None, int] | None = None  # a loaded position not yet used
+
+    def _sampler_epoch(self) -> int | None:
+        epoch = getattr(self.sampler, "epoch", None)
+        return epoch if isinstance(epoch, int) else None
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, batches = self._position
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        try:
+            epoch, batches = state_dict["epoch"], int(state_dict["batches"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"not a ResumableDataLoader state: {state_dict!r} (expected keys 'epoch' and "
+                "'batches'); resume from a checkpoint written with the same data module"
+            ) from None
+        if batches < 0:
+            raise ValueError(f"a loader state cannot have {batches} batches yielded")
+        self._pending = (epoch, batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        return _ResumableIterator(self)
+
+
+class _ResumableIterator:
+    """The iterator of :class:`ResumableDataLoader`: counts batches, skips a loaded position."""
+
+    def __init__(self, loader: ResumableDataLoader) -> None:
+        self.loader = loader
+        self.inner: Any = None
+
+    def __iter__(self) -> _ResumableIterator:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _start(self) -> None:
+        loader = self.loader
+        epoch = loader._sampler_epoch()
+        skip = 0
+        if loader._pending is not None:
+            saved_epoch, batches = loader._pending
+            loader._pending = None
+            if saved_epoch is None or epoch is None or saved_epoch == epoch:
+                skip = batches
+        self.inner = DataLoader.__iter__(loader)
+        sampler_iter = getattr(self.inner, "_sampler_iter", None)
+        if loader.num_workers == 0 and sampler_iter is not None:
+            # single-process: drop the index batches themselves, no data is gathered
+            for _ in range(skip):
+                if next(sampler_iter, None) is None:
+                    break
+            self.inner._num_yielded += skip
+        else:
+            for _ in range(skip):
+                if next(self.inner, None) is None:
+                    break
+        loader._position = (epoch, skip)
+
+    def __next__(self) -> Any:
+        if self.inner is None:
+            self._start()
+        batch = next(self.inner)
+        epoch, batches = self.loader._position
+        self.loader._position = (epoch, batches + 1)
+        return batch
+
+
 def random_crop_flip(
     x: torch.Tensor,
     padding: int = 4,
@@ -146,7 +239,8 @@ class ImageDataModule(LightningDataModule):
     Training batches are shuffled by :class:`EpochShuffleSampler`; evaluation loaders keep the
     order. With augmentation on, training batches get :func:`random_crop_flip` (4-pixel padding
     with black, i.e. ``-mean/std`` after normalization, as torchvision's ``RandomCrop`` before
-    ``Normalize``) in ``on_after_batch_transfer``, on the device, while the trainer is training.
+    ``Normalize``) in ``on_after_batch_transfer``, on the device, while the trainer is training,
+    drawn from :meth:`augmentation_generator` (a function of the batch's place in the run).
 
     Args:
         dataset: ``"mnist"``, ``"fashion_mnist"`` or ``"cifar10"``.
@@ -251,7 +345,7 @@ class ImageDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._check_ready()
-        return DataLoader(
+        return ResumableDataLoader(
             TensorBatches(self.train_x, self.train_y),
             batch_size=self.hparams.batch_size,
             sampler=EpochShuffleSampler(len(self.train_y), self.hparams.split_seed),
@@ -280,16 +374,35 @@ class ImageDataModule(LightningDataModule):
         self._check_ready()
         return self._eval_loader(self.test_x, self.test_y)
 
-    def augment_batch(self, x: torch.Tensor) -> torch.Tensor:
+    def augment_batch(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The training augmentation: crop with 4 pixels of black padding, random flip."""
         black = [-m / s for m, s in zip(self.spec.mean, self.spec.std)]
-        return random_crop_flip(x, padding=4, fill=black)
+        return random_crop_flip(x, padding=4, fill=black, generator=generator)
+
+    def augmentation_generator(self) -> torch.Generator | None:
+        """A generator for the coming training batch, seeded by (split_seed, epoch, batch, rank).
+
+        The crops and flips of a batch are then a function of its position in the run, so a run
+        resumed in the middle of an epoch draws the same ones as the uninterrupted run. ``None``
+        (the global RNG) when there is no trainer position to read.
+        """
+        trainer = self.trainer
+        progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None),
+                           "batch_progress", None)
+        if progress is None:
+            return None
+        position = (self.hparams.split_seed, int(trainer.current_epoch),
+                    int(progress.current.ready), int(trainer.global_rank))
+        seed = 0
+        for value in position:  # a fixed mix of the four numbers (no Python hash randomization)
+            seed = (seed * 1_000_003 + value) % (2**63 - 1)
+        return torch.Generator().manual_seed(seed)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
         if self.augment and trainer is not None and trainer.training:
             x, y = batch
-            return self.augment_batch(x), y
+            return self.augment_batch(x, self.augmentation_generator()), y
         return batch
 
 

@@ -46,14 +46,35 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     point (end of a validation or of a training epoch) and at the end of training whenever it does
     not already hold that step, so ``last.ckpt`` is the final state; ``best.ckpt`` is unchanged.
     ``tests/test_checkpoints.py`` pins this against the installed Lightning.
+
+    With ``last_every_n_steps=n``, ``last.ckpt`` is also refreshed after every n-th optimizer step
+    (in the middle of an epoch too), so an interrupted run loses at most n steps; resuming from
+    such a checkpoint is exact (``tests/test_resume.py`` kills a real run and compares).
+
+    Args:
+        last_every_n_steps: refresh ``last.ckpt`` every that many optimizer steps (0: only at the
+            save points above). Other arguments: those of ``ModelCheckpoint``.
     """
 
-    _last_step_written: int | None = None
+    _last_written: tuple[int, int] | None = None  # (global step, validations) of last.ckpt
+    _validations = 0
+
+    def __init__(self, *args: Any, last_every_n_steps: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if (isinstance(last_every_n_steps, bool) or not isinstance(last_every_n_steps, int)
+                or last_every_n_steps < 0):
+            raise ValueError(
+                f"last_every_n_steps must be an integer >= 0 (0: no step-based saves), got "
+                f"{last_every_n_steps!r}"
+            )
+        if last_every_n_steps and not self.save_last:
+            raise ValueError("last_every_n_steps refreshes last.ckpt: it needs save_last=True")
+        self.last_every_n_steps = last_every_n_steps
 
     def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:
-            self._last_step_written = trainer.global_step
+            self._last_written = (trainer.global_step, self._validations)
 
     def _refresh_last(self, trainer: Trainer) -> None:
         if (
@@ -61,7 +82,7 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             or trainer.state.fn != TrainerFn.FITTING
             or trainer.sanity_checking
             or trainer.fast_dev_run
-            or self._last_step_written == trainer.global_step
+            or self._last_written == (trainer.global_step, self._validations)
             or trainer.global_step == 0
         ):
             return
@@ -70,9 +91,25 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     # The parent saves its top-k checkpoint either at the end of each validation or at the end of
     # each training epoch (``_should_save_on_train_epoch_end``). ``last.ckpt`` is refreshed right
     # after that save, in the same hook: a save in the other hook would mark the step as saved
-    # and make the parent skip its top-k save.
+    # and make the parent skip its top-k save. The step-based refresh runs before a validation
+    # of the same step, so it hands the parent's "saved at this step" mark back, and the
+    # validation's own refresh (one more validation: a new key) writes the state after it.
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self.last_every_n_steps
+        # the last batch of an epoch is left to the epoch-end save point, which follows it
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if n and trainer.global_step % n == 0 and not last_batch:
+            parent_mark = self._last_global_step_saved
+            self._refresh_last(trainer)
+            self._last_global_step_saved = parent_mark
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validations += 1
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._refresh_last(trainer)

@@ -69,6 +69,11 @@ def _step_seed(seed: int, step: int) -> int:
     return pair_seed(seed, step) ^ 0x5EED
 
 
+def _batch_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
+    """Seed of the global RNG for one training batch: a pure function of its place in the run."""
+    return pair_seed(pair_seed(pair_seed(seed ^ 0xB47C, epoch), batch_idx), rank)
+
+
 _EXIT_TEARDOWN_REGISTERED = False
 
 
@@ -127,6 +132,16 @@ class Classifier(LightningModule):
             ``optimizer:`` block). ``None`` means SGD with lr 0.05 and momentum 0.9.
         scheduler: an optional learning-rate scheduler factory, stepped once per epoch.
         num_classes: number of classes; ``None`` takes ``backbone.spec["init_args"]["num_classes"]``.
+        seed: base seed of the run's training randomness. Before every training batch the global
+            torch RNG is reseeded from (seed, epoch, batch index, process rank), so dropout (and
+            anything else in ``training_step`` that draws from it) is a function of the batch's
+            place in the run: a run resumed from any checkpoint, also one taken in the middle of
+            an epoch, draws what the uninterrupted run drew.
+
+    Resuming is exact from any checkpoint: the parameters, optimizer and scheduler states, the
+    counters, the data loader's place in the epoch (:class:`robusttrain.data.ResumableDataLoader`),
+    the running training accuracy of the interrupted epoch, and every random draw are restored or
+    recomputed from the checkpoint (``tests/test_resume.py``).
     """
 
     method = "backprop"
@@ -137,9 +152,13 @@ class Classifier(LightningModule):
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         num_classes: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        self.seed = seed
         self.backbone = backbone
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -173,6 +192,9 @@ class Classifier(LightningModule):
         return F.cross_entropy(logits, y), logits, y
 
     # ----- training --------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        torch.manual_seed(_batch_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, logits, y = self.model_step(batch)
         self._log_train(loss, logits, y)
@@ -241,7 +263,40 @@ class Classifier(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["robusttrain"] = self.robusttrain_meta()
+        checkpoint["robusttrain_train_acc"] = self._train_acc_state()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._load_train_acc_state(checkpoint.get("robusttrain_train_acc"))
+
+    def _train_acc_state(self) -> dict[str, torch.Tensor]:
+        """The running training accuracy of the current epoch, summed over processes.
+
+        Called on every process when a checkpoint is written (Lightning builds the checkpoint on
+        all ranks), so the all-reduce of a multi-process run is matched on every rank.
+        """
+        metric = self.train_acc
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        state = {}
+        for name in metric._defaults:
+            value = getattr(metric, name)
+            if not isinstance(value, torch.Tensor):
+                return {}  # list states (not used by this metric) are not carried over
+            value = value.detach().clone()
+            if distributed:
+                torch.distributed.all_reduce(value)
+            state[name] = value.cpu()
+        return state
+
+    def _load_train_acc_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Restore :meth:`_train_acc_state` on rank 0 (the other ranks start from zero)."""
+        self.train_acc.reset()
+        if not state or self.global_rank != 0:
+            return
+        for name, value in state.items():
+            current = getattr(self.train_acc, name, None)
+            if isinstance(current, torch.Tensor) and current.shape == value.shape:
+                setattr(self.train_acc, name, value.to(current.device, current.dtype))
+        self.train_acc._update_count = 1
 
 @contextlib.contextmanager
 def frozen_stochastic_layers(model: nn.Module) -> Iterator[None]:
@@ -337,7 +392,7 @@ class ZerothOrderClassifier(Classifier):
         noise: Literal["relative", "absolute", "multiplicative"] | None = None,
         level: float | None = None,
     ) -> None:
-        super().__init__(backbone, optimizer, scheduler, num_classes)
+        super().__init__(backbone, optimizer, scheduler, num_classes, seed)
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a positive number, got {sigma}")
         _check_noise_level(noise, level, perturbation)
@@ -359,7 +414,6 @@ class ZerothOrderClassifier(Classifier):
         self.perturbation = perturbation
         self.rank = rank
         self.batch_mode = batch_mode
-        self.seed = seed
         self.population = population
         self.skip_nonfinite = skip_nonfinite
         self.noise = noise
@@ -462,6 +516,7 @@ class ZerothOrderClassifier(Classifier):
         checkpoint["robusttrain"]["skipped_steps"] = self._skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         meta = checkpoint.get("robusttrain", {})
         self._forward_passes = float(meta.get("forward_passes", 0))
         self._skipped_steps = int(meta.get("skipped_steps", 0))
@@ -506,12 +561,11 @@ class NoiseInjectionClassifier(Classifier):
         noise: Literal["relative", "absolute", "multiplicative"] | None = None,
         level: float | None = None,
     ) -> None:
-        super().__init__(backbone, optimizer, scheduler, num_classes)
+        super().__init__(backbone, optimizer, scheduler, num_classes, seed)
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a positive number, got {sigma}")
         _check_noise_level(noise, level)
         self.sigma = sigma
-        self.seed = seed
         self.noise = noise
         self.level = None if level is None else float(level)
         self.automatic_optimization = False
