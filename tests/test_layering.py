@@ -20,7 +20,7 @@ LAYERS = ["files", "data", "models", "noise", "zo", "training", "evaluation", "c
 MODULE_ORDER = {
     "data": ["formats", "sources", "datamodules"],
     "noise": ["seeds", "weight"],
-    "zo": ["perturbations", "estimators", "population"],
+    "zo": ["perturbations", "estimators", "population", "parallel"],
     "training": ["checkpoints", "modules", "lightning_cli"],
     "evaluation": ["statistics", "robustness", "report"],
     "comparison": ["config", "report", "runner"],

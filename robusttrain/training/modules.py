@@ -41,8 +41,18 @@ from robusttrain.noise.weight import (
 from robusttrain.training.checkpoints import CHECKPOINT_FORMAT
 from robusttrain.zo.estimators import (
     NonFiniteLossError,
+    SmoothedGradEstimate,
     estimate_smoothed_grad,
     fitness_shaping_name,
+)
+from robusttrain.zo.parallel import (
+    PARALLEL_MODES,
+    all_gather_rows,
+    engine_pair_losses,
+    gather_pair_losses,
+    loop_pair_losses,
+    pair_share,
+    rebuild_estimate,
 )
 from robusttrain.zo.perturbations import Perturbation
 from robusttrain.zo.population import (
@@ -369,6 +379,18 @@ class ZerothOrderClassifier(Classifier):
             :func:`robusttrain.noise.smoothing_sigmas`. ``None`` (default): absolute ``sigma``
             on every parameter.
         level: η_train, the smoothing level in the units of ``noise`` (required with it).
+        parallel: how several processes (``--trainer.strategy ddp``) share a step. ``"data"``
+            (default): each process evaluates all 2N members on its shard of the batch and the
+            processes all-reduce their d-float estimates. ``"population"``: each process
+            evaluates its share of the pairs (:func:`robusttrain.zo.parallel.pair_share`) on the
+            whole batch, the processes all-gather the 2N losses, and every process rebuilds the
+            estimate from the seeds (:mod:`robusttrain.zo.parallel`); every process must then load
+            the same batches (``--trainer.use_distributed_sampler false``; checked). In one
+            process ``"population"`` runs the same three steps, so a run gives the same numbers
+            on 1, 2 or 3 processes (bit for bit with the in-place loop). Antithetic only.
+        sync_check_every: every that many steps, check that all processes hold the same
+            parameters (and, with ``parallel: population``, got the same batch); a mismatch
+            stops the run naming the step. 0 (default) checks nothing.
     """
 
     method = "zeroth_order"
@@ -391,11 +413,23 @@ class ZerothOrderClassifier(Classifier):
         skip_nonfinite: bool = False,
         noise: Literal["relative", "absolute", "multiplicative"] | None = None,
         level: float | None = None,
+        parallel: Literal["data", "population"] = "data",
+        sync_check_every: int = 0,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, num_classes, seed)
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a positive number, got {sigma}")
         _check_noise_level(noise, level, perturbation)
+        if parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}")
+        if parallel == "population" and estimator != "antithetic":
+            raise ValueError(
+                f"parallel 'population' exchanges antithetic loss pairs; it needs estimator "
+                f"'antithetic', got {estimator!r}"
+            )
+        if isinstance(sync_check_every, bool) or not isinstance(sync_check_every, int) or (
+                sync_check_every < 0):
+            raise ValueError(f"sync_check_every must be an integer >= 0, got {sync_check_every!r}")
         if not isinstance(num_pairs, int) or num_pairs < 1:
             raise ValueError(f"num_pairs must be an integer >= 1, got {num_pairs}")
         Perturbation(perturbation, rank)  # checks both, with a message naming the fix
@@ -418,6 +452,8 @@ class ZerothOrderClassifier(Classifier):
         self.skip_nonfinite = skip_nonfinite
         self.noise = noise
         self.level = None if level is None else float(level)
+        self.parallel = parallel
+        self.sync_check_every = sync_check_every
         self.automatic_optimization = False
         self._forward_passes = 0
         self._skipped_steps = 0
@@ -461,7 +497,9 @@ class ZerothOrderClassifier(Classifier):
         }
         try:
             with frozen_stochastic_layers(self.backbone):
-                if self._use_population():
+                if self.parallel == "population":
+                    estimate = self._population_parallel_estimate(x, y, params, options)
+                elif self._use_population():
                     estimate = population_smoothed_grad(
                         self.backbone, x, y, batch_mode=self.batch_mode, **options
                     )
@@ -486,10 +524,13 @@ class ZerothOrderClassifier(Classifier):
         # in units of forward passes of the whole batch (a split step sees each example twice)
         self._forward_passes += estimate.forward_equivalents + 1
         grads = estimate.grads
-        if self.trainer.world_size > 1:
+        if self.trainer.world_size > 1 and self.parallel == "data":
             # every process used the same directions on its own shard of the batch: the mean of
             # the estimates is the estimate on the whole batch (it is linear in the losses)
-            grads = [self.trainer.strategy.reduce(g, reduce_op="mean") for g in grads]
+            # (one all-reduce of the concatenated estimate: one latency instead of one per tensor)
+            flat = self.trainer.strategy.reduce(torch.cat([g.reshape(-1) for g in grads]),
+                                                reduce_op="mean")
+            grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
         grad_sq = torch.zeros((), device=self.device)
         for p, g in zip(params, grads):
             p.grad = g
@@ -499,6 +540,68 @@ class ZerothOrderClassifier(Classifier):
         self.log("zo/grad_norm", grad_sq.sqrt())
         self.log("zo/mean_abs_diff", float(estimate.mean_abs_diff))
         self.log("zo/forward_passes", float(self._forward_passes))
+
+    def _population_parallel_estimate(
+        self, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor], options: dict[str, Any]
+    ) -> SmoothedGradEstimate:
+        """This process's share of the pairs, the exchange of losses, the rebuilt estimate."""
+        start, stop = pair_share(self.num_pairs, self.trainer.world_size, self.trainer.global_rank)
+        common = {"sigma": options["sigma"], "num_pairs": self.num_pairs, "seed": options["seed"],
+                  "start": start, "stop": stop, "perturbation": self.perturbation,
+                  "rank": self.rank}
+        rows = split_rows(x.shape[0], self.num_pairs, x.device) if self.batch_mode == "split" else None
+        if stop == start:
+            local = torch.empty(0, 2, dtype=torch.float64)
+        elif self._use_population():
+            local = engine_pair_losses(self.backbone, x, y, batch_mode=self.batch_mode, **common)
+        elif rows is not None:
+            local = loop_pair_losses(
+                lambda i: F.cross_entropy(self.backbone(x[rows[i]]), y[rows[i]]), params,
+                pair_loss=True, **common,
+            )
+        else:
+            local = loop_pair_losses(lambda: F.cross_entropy(self.backbone(x), y), params, **common)
+        losses = gather_pair_losses(local, self.num_pairs)
+        grads = rebuild_estimate(params, losses, sigma=options["sigma"], seed=options["seed"],
+                                 fitness_shaping=self.fitness_shaping,
+                                 perturbation=self.perturbation, rank=self.rank)
+        rows_per_member = x.shape[0] if rows is None else rows.shape[1]
+        return SmoothedGradEstimate(
+            grads, losses[:, 0], losses[:, 1], None, 2 * (stop - start),
+            2 * (stop - start) * rows_per_member / x.shape[0],
+        )
+
+    def on_train_start(self) -> None:
+        if self.parallel != "population" or self.trainer.world_size == 1:
+            return
+        loader = self.trainer.train_dataloader
+        samplers = [getattr(loader, "sampler", None),
+                    getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+        if any(isinstance(s, torch.utils.data.DistributedSampler) for s in samplers):
+            raise ValueError(
+                "parallel 'population' evaluates each process's pairs on the whole batch, so every "
+                "process must load the same batches: start the trainer with "
+                "use_distributed_sampler=False (--trainer.use_distributed_sampler false)"
+            )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        k = self.sync_check_every
+        if not k or self.trainer.world_size == 1 or self.global_step % k:
+            return
+        flat = torch.cat([p.detach().double().flatten() for p in self.backbone.parameters()])
+        weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
+        fingerprint = [flat.sum(), (flat * weights).sum(), flat.abs().max()]
+        if self.parallel == "population":
+            x, y = batch
+            fingerprint += [x.double().sum(), y.double().sum()]
+        gathered = all_gather_rows(torch.stack(fingerprint))
+        if not all(torch.equal(gathered[0], row) for row in gathered[1:]):
+            same_params = all(torch.equal(gathered[0, :3], row[:3]) for row in gathered[1:])
+            what = "batches" if same_params else "parameters"
+            raise RuntimeError(
+                f"the processes hold different {what} at step {self.global_step} (fingerprints "
+                f"{gathered.tolist()}); they must stay identical — report this with the config"
+            )
 
     def on_train_epoch_end(self) -> None:
         self._step_scheduler_manually()

@@ -7,6 +7,9 @@
 * :mod:`robusttrain.zo.population` — the population engine: the same estimate for any network of
   Linear/Conv2d/norm layers, all perturbed members in one batched pass, every pair on the whole
   batch (``shared``) or on its own slice of it (``split``).
+* :mod:`robusttrain.zo.parallel` — population-parallel steps over several processes: each
+  evaluates its share of the pairs, the processes exchange only the losses, and every process
+  rebuilds the estimate from the seeds.
 
 All draw their directions with the seeding convention of :mod:`robusttrain.noise.seeds`;
 :func:`pair_seed` and :func:`draw_noise` are importable from here too.
@@ -22,6 +25,14 @@ from robusttrain.zo.estimators import (
     estimate_smoothed_grad,
     pair_coefficients,
     smoothed_loss_grad,
+)
+from robusttrain.zo.parallel import (
+    PARALLEL_MODES,
+    engine_pair_losses,
+    gather_pair_losses,
+    loop_pair_losses,
+    pair_share,
+    rebuild_estimate,
 )
 from robusttrain.zo.perturbations import PERTURBATIONS, LowRankFactors, Perturbation
 from robusttrain.zo.population import (
@@ -40,17 +51,23 @@ __all__ = [
     "FITNESS_SHAPINGS",
     "LowRankFactors",
     "NonFiniteLossError",
+    "PARALLEL_MODES",
     "PERTURBATIONS",
     "Perturbation",
     "SmoothedGradEstimate",
     "centered_ranks",
     "choose_population",
     "draw_noise",
+    "engine_pair_losses",
     "estimate_smoothed_grad",
+    "gather_pair_losses",
+    "loop_pair_losses",
     "pair_coefficients",
     "pair_seed",
+    "pair_share",
     "perturbed_losses",
     "population_smoothed_grad",
+    "rebuild_estimate",
     "smoothed_loss_grad",
     "split_rows",
     "supports_population",
