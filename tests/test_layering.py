@@ -19,7 +19,7 @@ LAYERS = ["files", "data", "models", "noise", "zo", "training", "evaluation", "c
 # inside a subpackage, bottom to top: a module may import only the modules before it
 MODULE_ORDER = {
     "data": ["formats", "sources", "datamodules"],
-    "noise": ["seeds", "weight"],
+    "noise": ["seeds", "weight", "deployment"],
     "zo": ["perturbations", "estimators", "population", "parallel"],
     "training": ["checkpoints", "modules", "lightning_cli"],
     "evaluation": ["statistics", "robustness", "report"],

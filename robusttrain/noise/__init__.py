@@ -4,8 +4,23 @@
   that the estimators, the training methods and the robustness evaluation share.
 * :mod:`robusttrain.noise.weight` — Gaussian weight noise (absolute, relative, multiplicative) and
   the context managers that perturb a model in place and restore it bit for bit.
+* :mod:`robusttrain.noise.deployment` — deployment models (weight quantization, stuck-at faults,
+  bit flips, read noise, output converters), composable and described in YAML, run in place by
+  :func:`deployed` and undone.
 """
 
+from robusttrain.noise.deployment import (
+    PRESETS,
+    BitFlips,
+    Deployment,
+    OutputQuantize,
+    Quantize,
+    ReadNoise,
+    StuckAt,
+    deployed,
+    parse_deployment,
+    quantize_tensor,
+)
 from robusttrain.noise.seeds import draw_noise, pair_seed
 from robusttrain.noise.weight import (
     NOISE_MODELS,
@@ -20,6 +35,16 @@ from robusttrain.noise.weight import (
 
 __all__ = [
     "NOISE_MODELS",
+    "PRESETS",
+    "BitFlips",
+    "Deployment",
+    "OutputQuantize",
+    "Quantize",
+    "ReadNoise",
+    "StuckAt",
+    "deployed",
+    "parse_deployment",
+    "quantize_tensor",
     "check_noise",
     "draw_directions",
     "draw_noise",
