@@ -9,6 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from robusttrain.evaluation.deployment import (
+    evaluate_deployment,
+    format_deployment_table,
+    parse_sweep,
+    write_deployment_report,
+)
 from robusttrain.models import MLP
 from robusttrain.noise.deployment import (
     PRESETS,
@@ -249,3 +255,63 @@ def test_bad_deployments_are_clear_errors(spec, message):
 def test_sweeping_a_step_the_deployment_lacks_is_an_error():
     with pytest.raises(ValueError, match="no stuck_at step"):
         Deployment((Quantize(4),)).replace("stuck_at", "p", 0.1)
+
+
+def test_sweeping_a_field_the_step_lacks_is_an_error():
+    with pytest.raises(ValueError, match="quantize has no field 'p'"):
+        Deployment((Quantize(4),)).replace("quantize", "p", 0.1)
+
+
+# ----- evaluation through a deployment -----------------------------------------------------------
+
+def _exact_classifier():
+    """A linear model whose labels are its own argmax: clean accuracy 1, hurt by coarse weights."""
+    torch.manual_seed(7)
+    layer = nn.Linear(16, 4)
+    x = torch.randn(400, 16)
+    with torch.no_grad():
+        y = layer(x).argmax(dim=1)
+    return layer, x, y
+
+
+def test_evaluation_counts_draws_pairs_them_and_restores_the_models():
+    layer, x, y = _exact_classifier()
+    other = nn.Linear(16, 4)
+    state = _state(layer)
+    result = evaluate_deployment({"a": layer, "b": other}, x, y, "int4_faulty",
+                                 sweep=("stuck_at", "p", [0.0, 0.05]), device_draws=3,
+                                 inference_draws=2, progress=False)
+    assert _same(layer, state)
+    # at p = 0 no two chips differ: one chip, its 2 read-noise runs; at p = 0.05, 3 chips × 2
+    assert len(result.rows) == 2 * (1 * 2 + 3 * 2)
+    a = [(r["device_seed"], r["inference_seed"]) for r in result.rows if r["model"] == "a"]
+    b = [(r["device_seed"], r["inference_seed"]) for r in result.rows if r["model"] == "b"]
+    assert a == b  # the same chips and read noise for both models
+    assert result.summaries["a"]["clean_accuracy"] == 1.0
+    assert result.summaries["a"]["values"]["0.05"]["chips"] == 3
+    assert "stuck_at.p=0.05" in format_deployment_table(result)
+
+
+def test_coarser_weights_cost_accuracy_and_a_deterministic_deployment_is_drawn_once(tmp_path):
+    layer, x, y = _exact_classifier()
+    result = evaluate_deployment({"m": layer}, x, y, "int4", sweep=parse_sweep("quantize.bits=2,8"),
+                                 device_draws=4, inference_draws=4, progress=False)
+    assert len(result.rows) == 2  # no randomness: one evaluation per value
+    values = result.summaries["m"]["values"]
+    assert values["8"]["mean"] >= 0.97 and values["2"]["mean"] < values["8"]["mean"]
+    paths = write_deployment_report(result, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"deployment.csv", "deployment.json",
+                                                    "deployment.png"}
+    assert paths["png"].stat().st_size > 0
+
+
+@pytest.mark.parametrize("text, message", [("bits=2", "kind.field=v1,v2"),
+                                           ("quantize.bits=two", "kind.field=v1,v2")])
+def test_parse_sweep_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_sweep(text)
+
+
+def test_parse_sweep_keeps_integers_and_floats():
+    assert parse_sweep("quantize.bits=2,3") == ("quantize", "bits", [2, 3])
+    assert parse_sweep("read_noise.level=0,0.05") == ("read_noise", "level", [0, 0.05])

@@ -376,6 +376,25 @@ def test_cli_evaluates_checkpoints_on_their_saved_data(tmp_path, fake_fashion, c
     assert json.loads((out / "val" / "summary.json").read_text())["settings"]["examples"] == 50
 
 
+def test_cli_evaluates_checkpoints_through_a_deployment_sweep(tmp_path, fake_fashion, capsys):
+    torch.manual_seed(0)
+    a = write_checkpoint(tmp_path / "a.ckpt", fake_fashion)
+    b = write_checkpoint(tmp_path / "b.ckpt", fake_fashion)
+    out = tmp_path / "out"
+    code = main(["--ckpt", str(a), "--ckpt", str(b), "--deployment", "int4_faulty",
+                 "--sweep", "quantize.bits=2,8", "--device-draws", "2", "--inference-draws", "3",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "quantize.bits=2" in printed and "quantize.bits=8" in printed
+    assert {p.name for p in out.iterdir()} == {"deployment.csv", "deployment.json",
+                                               "deployment.png"}
+    rows = list(csv.DictReader((out / "deployment.csv").open()))
+    assert len(rows) == 2 * 2 * (2 * 3)  # models × values × chips × read-noise runs
+    summary = json.loads((out / "deployment.json").read_text())
+    assert summary["settings"]["sweep"] == "quantize.bits" and summary["settings"]["examples"] == 200
+
+
 def test_cli_on_a_checkpoint_written_by_training(tmp_path, fashion_dir, capsys):
     from lightning.pytorch import Trainer
 
@@ -409,6 +428,12 @@ def test_cli_on_a_checkpoint_written_by_training(tmp_path, fashion_dir, capsys):
         (["--noise", "pink"], "unknown noise model 'pink'"),
         (["--bn-mode", "fresh"], "invalid choice: 'fresh'"),
         (["--out", None], "the following arguments are required: --out"),
+        (["--sweep", "quantize.bits=2,4"], "--sweep needs --deployment"),
+        (["--deployment", "int5"], "neither a preset"),
+        (["--deployment", "int4", "--sweep", "bits=2"], "--sweep must look like kind.field=v1,v2"),
+        (["--deployment", "int4", "--sweep", "stuck_at.p=0.1"], "no stuck_at step to sweep"),
+        (["--deployment", "int4", "--sweep", "quantize.bits=1,4"], "bits must be an integer"),
+        (["--deployment", "int4", "--device-draws", "0"], "--device-draws must be an integer"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, fake_fashion, args, message, capsys):

@@ -22,7 +22,7 @@ MODULE_ORDER = {
     "noise": ["seeds", "weight", "deployment"],
     "zo": ["perturbations", "estimators", "population", "parallel"],
     "training": ["checkpoints", "modules", "lightning_cli"],
-    "evaluation": ["statistics", "robustness", "report"],
+    "evaluation": ["statistics", "robustness", "report", "deployment"],
     "comparison": ["config", "report", "runner"],
     "commands": ["errors", "robustness", "compare", "main"],
 }

@@ -3,6 +3,12 @@
 ``robusttrain robustness --ckpt A.ckpt --ckpt B.ckpt --noise relative --levels 0,0.05,0.1
 --draws 50 --out DIR`` writes ``robustness.csv`` (one row per model, level and draw),
 ``summary.json`` and ``robustness.png`` (see :mod:`robusttrain.evaluation`).
+
+With ``--deployment <preset or YAML>`` the checkpoints are run through a deployment instead
+(quantization, faults, read noise, converters; :mod:`robusttrain.noise.deployment`) over
+``--device-draws`` chips × ``--inference-draws`` runs each, optionally at every value of one
+field (``--sweep quantize.bits=2,3,4,8``), and the command writes ``deployment.csv``,
+``deployment.json`` and, with a sweep, ``deployment.png``.
 """
 
 from __future__ import annotations
@@ -15,9 +21,15 @@ from pathlib import Path
 import torch
 
 from robusttrain.data import ImageDataModule
+from robusttrain.evaluation.deployment import (
+    evaluate_deployment,
+    format_deployment_table,
+    parse_sweep,
+    write_deployment_report,
+)
 from robusttrain.evaluation.report import format_table, write_report
 from robusttrain.evaluation.robustness import BN_MODES, evaluate_models, level_key
-from robusttrain.noise import NOISE_MODELS
+from robusttrain.noise import NOISE_MODELS, PRESETS, parse_deployment
 from robusttrain.training.checkpoints import load_checkpoint
 
 __all__ = ["DESCRIPTION", "main"]
@@ -70,6 +82,15 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--include-norm", action="store_true",
                         help="perturb normalization weights and biases too")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
+    parser.add_argument("--deployment",
+                        help=f"evaluate through a deployment instead of weight noise: a preset "
+                             f"({', '.join(PRESETS)}) or a YAML list of steps")
+    parser.add_argument("--sweep", help="with --deployment: kind.field=v1,v2,... (e.g. "
+                                        "quantize.bits=2,3,4,8 or stuck_at.p=0,0.01,0.05)")
+    parser.add_argument("--device-draws", default="5",
+                        help="with --deployment: chips (fault draws) per value (default 5)")
+    parser.add_argument("--inference-draws", default="10",
+                        help="with --deployment: read-noise runs per chip (default 10)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -111,6 +132,17 @@ def _run(args: argparse.Namespace) -> int:
     seed = _int_option("--seed", args.seed, 0)
     batch_size = _int_option("--batch-size", args.batch_size, 1)
     bn_batches = _int_option("--bn-batches", args.bn_batches, 1)
+    deployment = sweep = None
+    device_draws = _int_option("--device-draws", args.device_draws, 1)
+    inference_draws = _int_option("--inference-draws", args.inference_draws, 1)
+    if args.deployment is not None:
+        deployment = parse_deployment(args.deployment)
+        if args.sweep is not None:
+            sweep = parse_sweep(args.sweep)
+            for value in sweep[2]:  # every swept value must make a valid deployment
+                deployment.replace(sweep[0], sweep[1], value)
+    elif args.sweep is not None:
+        raise _UsageError("--sweep needs --deployment (it sweeps a field of a deployment step)")
     if args.name and len(args.name) != len(args.ckpt):
         raise _UsageError(f"{len(args.name)} --name for {len(args.ckpt)} --ckpt; give one each")
     names = args.name or [_default_name(p) for p in args.ckpt]
@@ -149,6 +181,18 @@ def _run(args: argparse.Namespace) -> int:
     else:
         x, y = datamodule.test_x, datamodule.test_y
     models = {n: c.backbone.to(device) for n, c in zip(names, loaded)}
+    if deployment is not None:
+        result = evaluate_deployment(
+            models, x.to(device), y.to(device), deployment, sweep=sweep,
+            device_draws=device_draws, inference_draws=inference_draws, seed=seed,
+            batch_size=batch_size, progress=not args.no_progress,
+        )
+        paths = write_deployment_report(result, args.out)
+        print(f"deployment {deployment.name}: {deployment.describe()}; {args.split} split "
+              f"({len(y)} examples); accuracy in %, mean ± std over the draws")
+        print(format_deployment_table(result))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
     result = evaluate_models(
         models, x.to(device), y.to(device), noise=args.noise, levels=levels, draws=draws,
         seed=seed, batch_size=batch_size, bn_mode=args.bn_mode,

@@ -255,8 +255,12 @@ class Deployment:
 
     def replace(self, kind: str, field: str, value: Any) -> Deployment:
         """A copy with ``field`` of every ``kind`` step set to ``value`` (for sweeps)."""
-        if not any(s.kind == kind for s in self.steps):
+        matching = [s for s in self.steps if s.kind == kind]
+        if not matching:
             raise ValueError(f"the deployment has no {kind} step to sweep ({self.describe()})")
+        names = {f.name for f in dataclasses.fields(matching[0])}
+        if field not in names:
+            raise ValueError(f"{kind} has no field {field!r}; it has {', '.join(sorted(names))}")
         steps = tuple(dataclasses.replace(s, **{field: value}) if s.kind == kind else s
                       for s in self.steps)
         return Deployment(steps, self.name)
