@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from robusttrain.evaluation.robustness import draw_seed, evaluate
+from robusttrain.evaluation.robustness import _check_int, draw_seed, evaluate
 from robusttrain.evaluation.statistics import CI_METHOD, level_statistics
 from robusttrain.files import write_atomic
 from robusttrain.noise.deployment import Deployment, deployed, parse_deployment
@@ -75,12 +75,6 @@ def parse_sweep(text: str) -> tuple[str, str, list[Any]]:
     return kind, name, parsed
 
 
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def evaluate_deployment(
     models: Mapping[str, nn.Module],
     x: torch.Tensor,
@@ -112,8 +106,8 @@ def evaluate_deployment(
         ValueError: bad settings; the message names the problem.
     """
     base = parse_deployment(deployment)
-    _check_count("device_draws", device_draws)
-    _check_count("inference_draws", inference_draws)
+    _check_int("device_draws", device_draws, 1)
+    _check_int("inference_draws", inference_draws, 1)
     if not models:
         raise ValueError("no models to evaluate")
     values: list[Any] = [None] if sweep is None else list(sweep[2])
