@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from robusttrain.evaluation.report import draw_accuracy_curve, outside_legend, save_figure
 from robusttrain.evaluation.robustness import _check_int, draw_seed, evaluate
 from robusttrain.evaluation.statistics import CI_METHOD, level_statistics
 from robusttrain.files import write_atomic
@@ -230,30 +231,13 @@ def _plot(result: DeploymentResult, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     values = result.settings["values"]
-    handles = []
-    for i, (name, summary) in enumerate(result.summaries.items()):
-        color = plt.cm.tab10(i % 10)
-        stats = [summary["values"][_key(v)] for v in values]
-        mean = np.array([100 * s["mean"] for s in stats])
-        low = np.array([100 * (s["ci95_low"] if s["ci95_low"] is not None else s["mean"])
-                        for s in stats])
-        high = np.array([100 * (s["ci95_high"] if s["ci95_high"] is not None else s["mean"])
-                         for s in stats])
-        ax.fill_between(values, [100 * s["p5"] for s in stats], [100 * s["p95"] for s in stats],
-                        color=color, alpha=0.15, lw=0)
-        ax.errorbar(values, mean, yerr=[mean - low, high - mean], fmt="o-", color=color,
-                    markersize=3, capsize=2, lw=1.3)
-        ax.axhline(100 * summary["clean_accuracy"], color=color, ls=":", lw=0.9)
-        handles.append(Line2D([], [], color=color, marker="o", markersize=3, label=name))
-    handles += [
-        Patch(color="gray", alpha=0.25, label="band: 5th–95th percentile of draws"),
-        Line2D([], [], color="gray", marker="|", ls="none", label="error bar: 95% CI of the mean"),
-        Line2D([], [], color="gray", ls=":", label="dotted: clean accuracy"),
+    handles = [
+        draw_accuracy_curve(ax, i, name, values, [summary["values"][_key(v)] for v in values],
+                            summary["clean_accuracy"])
+        for i, (name, summary) in enumerate(result.summaries.items())
     ]
     ax.set_xlabel(result.settings["sweep"])
     ax.set_ylabel("accuracy (%)")
@@ -261,10 +245,6 @@ def _plot(result: DeploymentResult, path: Path) -> None:
     ax.set_title(f"accuracy through the deployment {result.settings['deployment_name']} "
                  f"({steps})", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-              borderaxespad=0.0)
+    outside_legend(ax, handles)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    save_figure(fig, path)

@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +85,14 @@ def plot_robustness(
         summaries: as in :func:`robustness_figure`.
         path: the PNG to write.
     """
+
+    save_figure(robustness_figure(summaries), path)
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Write ``fig`` as a PNG (120 dpi) atomically, then close it."""
     import matplotlib.pyplot as plt
 
-    fig = robustness_figure(summaries)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -112,8 +117,6 @@ def robustness_figure(summaries: Mapping[str, Mapping[str, Any]] | RobustnessRes
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
 
     if isinstance(summaries, RobustnessResult):
         summaries = summaries.summaries
@@ -124,24 +127,11 @@ def robustness_figure(summaries: Mapping[str, Mapping[str, Any]] | RobustnessRes
     noise = bn_mode = draws = None
     any_batchnorm = False
     for i, (name, summary) in enumerate(summaries.items()):
-        color = plt.cm.tab10(i % 10)
         stats = sorted(summary["levels"].values(), key=lambda s: s["level"])
-        lv = np.array([s["level"] for s in stats])
-        mean = _percent(stats, "mean")
-        ax.fill_between(lv, _percent(stats, "p5"), _percent(stats, "p95"), color=color,
-                        alpha=0.15, lw=0)
-        ci_low, ci_high = _percent(stats, "ci95_low"), _percent(stats, "ci95_high")
-        ax.errorbar(lv, mean, yerr=[mean - ci_low, ci_high - mean], fmt="o-", color=color,
-                    markersize=3, capsize=2, lw=1.3)
-        ax.axhline(100 * summary["clean_accuracy"], color=color, ls=":", lw=0.9)
-        handles.append(Line2D([], [], color=color, marker="o", markersize=3, label=name))
+        handles.append(draw_accuracy_curve(ax, i, name, [s["level"] for s in stats], stats,
+                                           summary["clean_accuracy"]))
         noise, bn_mode, draws = summary.get("noise"), summary.get("bn_mode"), summary.get("draws")
         any_batchnorm = any_batchnorm or bool(summary.get("batchnorm_layers", 0))
-    handles += [
-        Patch(color="gray", alpha=0.25, label="band: 5th–95th percentile of draws"),
-        Line2D([], [], color="gray", marker="|", ls="none", label="error bar: 95% CI of the mean"),
-        Line2D([], [], color="gray", ls=":", label="dotted: clean accuracy"),
-    ]
     ax.set_xlabel(_LEVEL_LABELS.get(noise, "noise level"))
     ax.set_ylabel("accuracy (%)")
     # the BatchNorm setting only applies to networks that have BatchNorm layers
@@ -149,11 +139,45 @@ def robustness_figure(summaries: Mapping[str, Mapping[str, Any]] | RobustnessRes
     ax.set_title(f"accuracy under {noise} weight noise ({draws} draws per level{batchnorm})",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    # outside the axes, so that it never covers a curve
-    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-              borderaxespad=0.0)
+    outside_legend(ax, handles)
     fig.tight_layout()
     return fig
+
+
+def draw_accuracy_curve(
+    ax: Any, index: int, name: str, x: Sequence[float], stats: Sequence[Mapping[str, Any]],
+    clean_accuracy: float,
+) -> Any:
+    """One model's curve on ``ax``: mean line, 5th–95th percentile band, 95% CI error bars and a
+    dotted line at its clean accuracy, in colour ``index``; returns its legend handle."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    color = plt.cm.tab10(index % 10)
+    x = np.asarray(x, dtype=float)
+    mean = _percent(stats, "mean")
+    ax.fill_between(x, _percent(stats, "p5"), _percent(stats, "p95"), color=color, alpha=0.15,
+                    lw=0)
+    ci_low, ci_high = _percent(stats, "ci95_low"), _percent(stats, "ci95_high")
+    ax.errorbar(x, mean, yerr=[mean - ci_low, ci_high - mean], fmt="o-", color=color,
+                markersize=3, capsize=2, lw=1.3)
+    ax.axhline(100 * clean_accuracy, color=color, ls=":", lw=0.9)
+    return Line2D([], [], color=color, marker="o", markersize=3, label=name)
+
+
+def outside_legend(ax: Any, handles: list[Any]) -> None:
+    """The models' handles plus what band, error bar and dotted line mean, outside the axes (so
+    that it never covers a curve)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = handles + [
+        Patch(color="gray", alpha=0.25, label="band: 5th–95th percentile of draws"),
+        Line2D([], [], color="gray", marker="|", ls="none", label="error bar: 95% CI of the mean"),
+        Line2D([], [], color="gray", ls=":", label="dotted: clean accuracy"),
+    ]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              borderaxespad=0.0)
 
 
 def _fmt_level(value: float | None) -> str:
