@@ -54,7 +54,9 @@ __all__ = [
     "Quantize",
     "ReadNoise",
     "StuckAt",
+    "deploy_weights_",
     "deployed",
+    "output_converters",
     "parse_deployment",
     "quantize_tensor",
 ]
@@ -204,13 +206,17 @@ class OutputQuantize:
             raise ValueError(f"output_quantize: range must be a positive number or null, got "
                              f"{self.range!r}")
 
-    def quantize(self, y: torch.Tensor) -> torch.Tensor:
+    def quantize(self, y: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
+        """The converted outputs; ``straight_through``: identity gradient (training)."""
         q = 2 ** (self.bits - 1) - 1
         r = y.detach().abs().max() if self.range is None else torch.tensor(self.range, device=y.device)
         if r <= 0:
             return y
         delta = r / q
-        return torch.clamp(torch.round(y / delta), -q, q) * delta
+        converted = torch.clamp(torch.round(y / delta), -q, q) * delta
+        if straight_through:
+            return y + (converted - y).detach()
+        return converted
 
 
 STEPS = {cls.kind: cls for cls in (Quantize, StuckAt, BitFlips, ReadNoise, OutputQuantize)}
@@ -370,11 +376,7 @@ def deployed(
     handles = []
     with preserved_state(model):
         try:
-            generator = _seeded(device_seed, device)
-            with torch.no_grad():
-                for step in deployment.device_steps:
-                    for w in weights:
-                        step.apply(w, generator)
+            deploy_weights_(weights, deployment, _seeded(device_seed, device))
             if read_noise or converters:
                 inference = _seeded(inference_seed, device)
                 for module in model.modules():
@@ -384,6 +386,70 @@ def deployed(
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def deploy_weights_(
+    weights: Sequence[torch.Tensor],
+    deployment: Any,
+    device_generator: torch.Generator,
+    inference_generator: torch.Generator | None = None,
+) -> None:
+    """Write the deployed weights into ``weights`` in place (no undo: the caller keeps a copy).
+
+    The device steps in list order from ``device_generator``; with ``inference_generator``, then
+    one draw of each read-noise step per tensor, scaled by the device-stepped weights — what one
+    forward pass of :func:`deployed` sees, for training through the deployment
+    (quantization-aware training holds one draw fixed for the forward and backward pass of a
+    step). Output converters are not weights: see :func:`output_converters`.
+
+    Args:
+        weights: the Linear/Conv weight tensors (:func:`robusttrain.noise.noisy_parameters`).
+        deployment: anything :func:`parse_deployment` accepts.
+        device_generator: draws the faults and bit flips (the chip).
+        inference_generator: draws the read noise; ``None`` applies no read noise.
+    """
+    deployment = parse_deployment(deployment)
+    with torch.no_grad():
+        for step in deployment.device_steps:
+            for w in weights:
+                step.apply(w, device_generator)
+        if inference_generator is None:
+            return
+        for step in deployment.steps:
+            if isinstance(step, ReadNoise) and step.level > 0:
+                for w in weights:
+                    eps = torch.randn(w.shape, generator=inference_generator, device=w.device,
+                                      dtype=torch.float32)
+                    w.add_((eps * noise_scale(w, step.noise)).to(w.dtype), alpha=step.level)
+
+
+@contextlib.contextmanager
+def output_converters(
+    model: nn.Module, deployment: Any, *, straight_through: bool = False
+) -> Iterator[nn.Module]:
+    """Quantize every Linear/Conv output as the deployment's converters do, inside the block.
+
+    Args:
+        model: the network.
+        deployment: anything :func:`parse_deployment` accepts (only its ``output_quantize`` steps
+            act here).
+        straight_through: pass the gradient through the rounding unchanged (the
+            straight-through estimator), for training by backprop.
+    """
+    converters = [s for s in parse_deployment(deployment).steps if isinstance(s, OutputQuantize)]
+
+    def hook(mod: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        for converter in converters:
+            output = converter.quantize(output, straight_through)
+        return output
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if converters and isinstance(m, WEIGHT_LAYERS)]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _hooks(

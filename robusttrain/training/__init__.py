@@ -1,7 +1,8 @@
 """Training: the LightningModules, their checkpoints, and the LightningCLI that builds a run.
 
 * :mod:`robusttrain.training.modules` — :class:`Classifier` (backprop), :class:`ZerothOrderClassifier`
-  (forward passes only) and :class:`NoiseInjectionClassifier` (backprop on the smoothed loss); in
+  (forward passes only), :class:`NoiseInjectionClassifier` (backprop on the smoothed loss) and
+  :class:`QuantizationAwareClassifier` (backprop through a deployment, straight-through); in
   configs ``robusttrain.training.Classifier`` and so on.
 * :mod:`robusttrain.training.checkpoints` — :func:`load_checkpoint`: the trained backbone and its
   data settings from a checkpoint, without executing code from it.
@@ -20,6 +21,7 @@ from robusttrain.training.lightning_cli import RobustTrainCLI, make_cli
 from robusttrain.training.modules import (
     Classifier,
     NoiseInjectionClassifier,
+    QuantizationAwareClassifier,
     ZerothOrderClassifier,
     frozen_stochastic_layers,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "Classifier",
     "LoadedCheckpoint",
     "NoiseInjectionClassifier",
+    "QuantizationAwareClassifier",
     "RobustTrainCLI",
     "ZerothOrderClassifier",
     "frozen_stochastic_layers",

@@ -1,4 +1,4 @@
-"""LightningModules: one classifier, three ways to train it.
+"""LightningModules: one classifier, four ways to train it.
 
 * :class:`Classifier` — ordinary backprop on the loss L(θ) (the baseline).
 * :class:`ZerothOrderClassifier` — minimizes the Gaussian-smoothed loss
@@ -7,8 +7,13 @@
   optimizer (SGD with momentum or Nesterov, Adam, ...) takes the step.
 * :class:`NoiseInjectionClassifier` — backprop on the smoothed loss: each step takes the gradient at
   θ + σg for a fresh g (a one-sample reparameterised estimate of ∇L_σ), then steps from θ.
+* :class:`QuantizationAwareClassifier` — backprop through a deployment (quantized, faulty, noisy
+  weights) with the straight-through estimator: QAT, and QAT + noise.
 
-All three share :meth:`Classifier.model_step` and the evaluation code, log ``train/loss``,
+Each takes a ``deployment`` (:mod:`robusttrain.noise.deployment`): validation then measures the
+deployed model, and the zeroth-order method minimizes the deployed network's loss directly.
+
+All share :meth:`Classifier.model_step` and the evaluation code, log ``train/loss``,
 ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``, and write a ``robusttrain``
 entry into every checkpoint so :func:`robusttrain.training.checkpoints.load_checkpoint` can rebuild
 the backbone without unpickling code.
@@ -30,6 +35,13 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from robusttrain.noise.deployment import (
+    Deployment,
+    deploy_weights_,
+    deployed,
+    output_converters,
+    parse_deployment,
+)
 from robusttrain.noise.seeds import draw_noise, pair_seed
 from robusttrain.noise.weight import (
     NOISE_MODELS,
@@ -38,7 +50,7 @@ from robusttrain.noise.weight import (
     noisy_parameters,
     smoothing_sigmas,
 )
-from robusttrain.training.checkpoints import CHECKPOINT_FORMAT
+from robusttrain.training.checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
 from robusttrain.zo.estimators import (
     NonFiniteLossError,
     SmoothedGradEstimate,
@@ -67,6 +79,7 @@ __all__ = [
     "Classifier",
     "ZerothOrderClassifier",
     "NoiseInjectionClassifier",
+    "QuantizationAwareClassifier",
     "frozen_stochastic_layers",
 ]
 
@@ -77,6 +90,16 @@ _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alpha
 def _step_seed(seed: int, step: int) -> int:
     """Seed of the perturbations of global step ``step``: a pure function of (run seed, step)."""
     return pair_seed(seed, step) ^ 0x5EED
+
+
+def _deployment_seeds(seed: int, index: int) -> tuple[int, int]:
+    """(chip seed, read-noise seed) number ``index`` of a step or evaluation with seed ``seed``."""
+    return pair_seed(seed ^ 0xC41B, index), pair_seed(seed ^ 0x4EAD, index)
+
+
+# the chip on which validation and test evaluate a model trained for a deployment: the same at
+# every validation of a run (best.ckpt compares epochs on one chip), a different one per run seed
+_EVAL_CHIP = 0xE7A1
 
 
 def _batch_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
@@ -147,6 +170,17 @@ class Classifier(LightningModule):
             anything else in ``training_step`` that draws from it) is a function of the batch's
             place in the run: a run resumed from any checkpoint, also one taken in the middle of
             an epoch, draws what the uninterrupted run drew.
+        deployment: the hardware the model is trained for (a preset name, a YAML file or a list
+            of steps; see :mod:`robusttrain.noise.deployment`). Validation and test then run the
+            model through it — ``val/acc``, ``val/loss`` are the deployed model's, on one chip
+            per run (faults drawn once from ``seed``) with fresh read noise per batch — and
+            ``val/float_acc`` is the accuracy of the float weights; ``best.ckpt`` is chosen by
+            the deployed accuracy. Plain backprop with a deployment is train-then-quantize
+            (post-training quantization); :class:`QuantizationAwareClassifier` and
+            :class:`ZerothOrderClassifier` also train through it.
+        init_from: a robusttrain checkpoint whose backbone weights start the run (fine-tuning);
+            its backbone must have the same shapes. Resuming with ``--ckpt_path`` replaces them
+            with the checkpoint's, as always.
 
     Resuming is exact from any checkpoint: the parameters, optimizer and scheduler states, the
     counters, the data loader's place in the epoch (:class:`robusttrain.data.ResumableDataLoader`),
@@ -163,12 +197,19 @@ class Classifier(LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         num_classes: int | None = None,
         seed: int = 0,
+        deployment: str | list[dict[str, Any]] | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         self.seed = seed
+        self.deployment: Deployment | None = (
+            None if deployment is None else parse_deployment(deployment))
+        if init_from is not None:
+            _load_backbone_weights(backbone, init_from)
+        self.init_from = init_from
         self.backbone = backbone
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -185,6 +226,8 @@ class Classifier(LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        self.val_float_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_float_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -222,10 +265,11 @@ class Classifier(LightningModule):
 
     # ----- evaluation (shared by every method) -----------------------------------------------
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_loss, self.val_acc)
+        self._eval_step(batch, "val", self.val_loss, self.val_acc, self.val_float_acc, batch_idx)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_loss, self.test_acc)
+        self._eval_step(batch, "test", self.test_loss, self.test_acc, self.test_float_acc,
+                        batch_idx)
 
     def _eval_step(
         self,
@@ -233,8 +277,19 @@ class Classifier(LightningModule):
         split: str,
         loss_metric: MeanMetric,
         acc_metric: MulticlassAccuracy,
+        float_acc_metric: MulticlassAccuracy,
+        batch_idx: int,
     ) -> None:
-        loss, logits, y = self.model_step(batch)
+        if self.deployment is None:
+            loss, logits, y = self.model_step(batch)
+        else:
+            _, float_logits, y = self.model_step(batch)
+            float_acc_metric(float_logits, y)
+            self.log(f"{split}/float_acc", float_acc_metric, on_step=False, on_epoch=True)
+            chip, _ = _deployment_seeds(self.seed, _EVAL_CHIP)
+            _, reads = _deployment_seeds(chip, batch_idx)
+            with deployed(self.backbone, self.deployment, device_seed=chip, inference_seed=reads):
+                loss, logits, y = self.model_step(batch)
         loss_metric(loss, weight=y.numel())
         acc_metric(logits, y)
         self.log(f"{split}/loss", loss_metric, on_step=False, on_epoch=True)
@@ -269,6 +324,8 @@ class Classifier(LightningModule):
             "method": self.method,
             "backbone": spec,
             "num_classes": self.num_classes,
+            "deployment": None if self.deployment is None else self.deployment.to_list(),
+            "init_from": self.init_from,
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -307,6 +364,22 @@ class Classifier(LightningModule):
             if isinstance(current, torch.Tensor) and current.shape == value.shape:
                 setattr(self.train_acc, name, value.to(current.device, current.dtype))
         self.train_acc._update_count = 1
+
+def _load_backbone_weights(backbone: nn.Module, path: str) -> None:
+    """Copy the backbone weights of checkpoint ``path`` into ``backbone`` (``init_from``)."""
+    try:
+        source = load_checkpoint(path).backbone
+    except CheckpointError as err:
+        raise ValueError(f"init_from: {err}") from None
+    try:
+        backbone.load_state_dict(source.state_dict())
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(
+            f"init_from: the backbone of {path} does not fit this run's backbone ({first}); "
+            "start from a checkpoint of the same architecture"
+        ) from None
+
 
 @contextlib.contextmanager
 def frozen_stochastic_layers(model: nn.Module) -> Iterator[None]:
@@ -391,6 +464,15 @@ class ZerothOrderClassifier(Classifier):
         sync_check_every: every that many steps, check that all processes hold the same
             parameters (and, with ``parallel: population``, got the same batch); a mismatch
             stops the run naming the step. 0 (default) checks nothing.
+        deployment: train through this deployment (see :class:`Classifier`): every perturbed
+            member's loss is the loss of the deployed network, L(D(θ ± σz_i)) — quantized,
+            faulty, noisy, whatever the deployment does; no gradient of it is needed. Pair i of
+            step t runs on its own chip with its own read noise (seeds from (seed, t, i), so
+            resuming stays exact), the same for both members of the pair (common random
+            numbers: the difference of the pair is the effect of the direction, not of the
+            chip). The estimate is then that of ∇ E_{g, chip, noise}[L(D(θ + σg))]. Antithetic
+            only; runs the in-place loop (the batched engine cannot run the hooks).
+        init_from: see :class:`Classifier`.
     """
 
     method = "zeroth_order"
@@ -415,8 +497,20 @@ class ZerothOrderClassifier(Classifier):
         level: float | None = None,
         parallel: Literal["data", "population"] = "data",
         sync_check_every: int = 0,
+        deployment: str | list[dict[str, Any]] | None = None,
+        init_from: str | None = None,
     ) -> None:
-        super().__init__(backbone, optimizer, scheduler, num_classes, seed)
+        super().__init__(backbone, optimizer, scheduler, num_classes, seed, deployment, init_from)
+        if self.deployment is not None and estimator != "antithetic":
+            raise ValueError(
+                f"training through a deployment needs estimator 'antithetic' (both members of a "
+                f"pair run on the same chip with the same read noise), got {estimator!r}"
+            )
+        if self.deployment is not None and population:
+            raise ValueError(
+                "population=True cannot train through a deployment (the batched engine cannot run "
+                "its hooks); use population: null or false (the in-place loop)"
+            )
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a positive number, got {sigma}")
         _check_noise_level(noise, level, perturbation)
@@ -466,7 +560,7 @@ class ZerothOrderClassifier(Classifier):
                                 sigma=self.sigma)
 
     def _use_population(self) -> bool:
-        if self.population is False:
+        if self.population is False or self.deployment is not None:
             return False
         if self.population is None:
             return choose_population(self.backbone, self.device, self.batch_mode)
@@ -482,10 +576,15 @@ class ZerothOrderClassifier(Classifier):
         x, y = batch
         optimizer = self.optimizers()
         params = [p for p in self.backbone.parameters() if p.requires_grad]
-        with torch.no_grad():
-            loss, logits, _ = self.model_step(batch)
-        self._log_train(loss, logits, y)
         seed = _step_seed(self.seed, self.global_step)
+        with torch.no_grad():
+            loss, logits, _ = self.model_step(batch)  # also updates BatchNorm statistics
+            if self.deployment is not None:  # log the loss that is minimized: the deployed one
+                chip, reads = _deployment_seeds(seed, self.num_pairs)
+                with deployed(self.backbone, self.deployment, device_seed=chip,
+                              inference_seed=reads):
+                    loss, logits, _ = self.model_step(batch)
+        self._log_train(loss, logits, y)
         options = {
             "sigma": self.smoothing_scale(params),
             "num_pairs": self.num_pairs,
@@ -503,17 +602,14 @@ class ZerothOrderClassifier(Classifier):
                     estimate = population_smoothed_grad(
                         self.backbone, x, y, batch_mode=self.batch_mode, **options
                     )
-                elif self.batch_mode == "split":
-                    rows = split_rows(x.shape[0], self.num_pairs, x.device)
-                    estimate = estimate_smoothed_grad(
-                        lambda i: F.cross_entropy(self.backbone(x[rows[i]]), y[rows[i]]), params,
-                        pair_loss=True, **options,
-                    )
-                    estimate.forward_equivalents = 2 * rows.numel() / x.shape[0]
                 else:
-                    estimate = estimate_smoothed_grad(
-                        lambda: F.cross_entropy(self.backbone(x), y), params, **options
-                    )
+                    rows = (split_rows(x.shape[0], self.num_pairs, x.device)
+                            if self.batch_mode == "split" else None)
+                    loss_fn, pair_loss = self._member_loss(x, y, rows, seed)
+                    estimate = estimate_smoothed_grad(loss_fn, params, pair_loss=pair_loss,
+                                                      **options)
+                    if rows is not None:
+                        estimate.forward_equivalents = 2 * rows.numel() / x.shape[0]
         except NonFiniteLossError as err:
             if not self.skip_nonfinite:
                 raise
@@ -522,7 +618,7 @@ class ZerothOrderClassifier(Classifier):
             self.print(f"step {self.global_step}: skipped ({err})")
             return
         # in units of forward passes of the whole batch (a split step sees each example twice)
-        self._forward_passes += estimate.forward_equivalents + 1
+        self._forward_passes += estimate.forward_equivalents + 1 + (self.deployment is not None)
         grads = estimate.grads
         if self.trainer.world_size > 1 and self.parallel == "data":
             # every process used the same directions on its own shard of the batch: the mean of
@@ -554,13 +650,9 @@ class ZerothOrderClassifier(Classifier):
             local = torch.empty(0, 2, dtype=torch.float64)
         elif self._use_population():
             local = engine_pair_losses(self.backbone, x, y, batch_mode=self.batch_mode, **common)
-        elif rows is not None:
-            local = loop_pair_losses(
-                lambda i: F.cross_entropy(self.backbone(x[rows[i]]), y[rows[i]]), params,
-                pair_loss=True, **common,
-            )
         else:
-            local = loop_pair_losses(lambda: F.cross_entropy(self.backbone(x), y), params, **common)
+            loss_fn, pair_loss = self._member_loss(x, y, rows, options["seed"])
+            local = loop_pair_losses(loss_fn, params, pair_loss=pair_loss, **common)
         losses = gather_pair_losses(local, self.num_pairs)
         grads = rebuild_estimate(params, losses, sigma=options["sigma"], seed=options["seed"],
                                  fitness_shaping=self.fitness_shaping,
@@ -570,6 +662,30 @@ class ZerothOrderClassifier(Classifier):
             grads, losses[:, 0], losses[:, 1], None, 2 * (stop - start),
             2 * (stop - start) * rows_per_member / x.shape[0],
         )
+
+    def _member_loss(
+        self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None, seed: int
+    ) -> tuple[Any, bool]:
+        """The loss of one perturbed member for the in-place loop, and whether it takes the pair.
+
+        Pair i sees rows ``rows[i]`` of the batch (split mode) or all of it, and, with a
+        deployment, runs on chip/read-noise seeds number i of the step (both members alike).
+        """
+        def batch_of(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return (x, y) if rows is None else (x[rows[i]], y[rows[i]])
+
+        if self.deployment is None:
+            if rows is None:
+                return (lambda: F.cross_entropy(self.backbone(x), y)), False
+            return (lambda i: F.cross_entropy(self.backbone(x[rows[i]]), y[rows[i]])), True
+
+        def deployed_loss(i: int) -> torch.Tensor:
+            chip, reads = _deployment_seeds(seed, i)
+            xi, yi = batch_of(i)
+            with deployed(self.backbone, self.deployment, device_seed=chip, inference_seed=reads):
+                return F.cross_entropy(self.backbone(xi), yi)
+
+        return deployed_loss, True
 
     def on_train_start(self) -> None:
         if self.parallel != "population" or self.trainer.world_size == 1:
@@ -649,6 +765,7 @@ class NoiseInjectionClassifier(Classifier):
         noise: ``"relative"``, ``"absolute"`` or ``"multiplicative"`` (see
             :mod:`robusttrain.noise.weight`); ``None``: absolute ``sigma`` on every parameter.
         level: η_train in the units of ``noise`` (required with it).
+        deployment, init_from: see :class:`Classifier` (validation through the deployment).
     """
 
     method = "noise_injection"
@@ -663,8 +780,10 @@ class NoiseInjectionClassifier(Classifier):
         seed: int = 0,
         noise: Literal["relative", "absolute", "multiplicative"] | None = None,
         level: float | None = None,
+        deployment: str | list[dict[str, Any]] | None = None,
+        init_from: str | None = None,
     ) -> None:
-        super().__init__(backbone, optimizer, scheduler, num_classes, seed)
+        super().__init__(backbone, optimizer, scheduler, num_classes, seed, deployment, init_from)
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a positive number, got {sigma}")
         _check_noise_level(noise, level)
@@ -715,3 +834,68 @@ class NoiseInjectionClassifier(Classifier):
         meta = super().robusttrain_meta()
         meta.update(sigma=self.sigma, noise=self.noise, level=self.level)
         return meta
+
+
+
+class QuantizationAwareClassifier(Classifier):
+    """Backprop through a deployment with the straight-through estimator (QAT, and QAT + noise).
+
+    Each step writes one draw of the deployed weights D(θ) into the network — the deployment's
+    device steps (quantization, a fresh chip of stuck-at faults / bit flips) and one draw of its
+    read noise, seeds from (seed, step) — runs the forward pass (output converters with a
+    straight-through rounding), takes the gradient at D(θ), restores θ bit for bit and lets the
+    optimizer step θ with it: the straight-through estimator ∂D/∂θ := I of quantization-aware
+    training (Bengio et al. 2013; Jacob et al. 2018). With a deployment of quantization only this
+    is QAT; with read noise and faults in it, QAT + noise injection (the hardware-aware training
+    of analog-AI toolkits). The float θ are the trained parameters; the deployment is applied to
+    them at evaluation, as to any other model.
+
+    Args:
+        backbone, optimizer, scheduler, num_classes, seed, init_from: see :class:`Classifier`.
+        deployment: the deployment to train through (required); validation runs through it too.
+    """
+
+    method = "quantization_aware"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        num_classes: int | None = None,
+        seed: int = 0,
+        deployment: str | list[dict[str, Any]] | None = None,
+        init_from: str | None = None,
+    ) -> None:
+        if deployment is None:
+            raise ValueError(
+                "QuantizationAwareClassifier needs a deployment to train through: a preset (e.g. "
+                "deployment: int4), a YAML file or a list of steps"
+            )
+        super().__init__(backbone, optimizer, scheduler, num_classes, seed, deployment, init_from)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        weights = [p for _, p in noisy_parameters(self.backbone)]
+        clean = [w.detach().clone() for w in weights]
+        chip, reads = _deployment_seeds(_step_seed(self.seed, self.global_step), 0)
+        device = weights[0].device
+        try:
+            deploy_weights_(weights, self.deployment,
+                            torch.Generator(device=device).manual_seed(chip),
+                            torch.Generator(device=device).manual_seed(reads))
+            with output_converters(self.backbone, self.deployment, straight_through=True):
+                loss, logits, y = self.model_step(batch)
+            self._log_train(loss, logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+        finally:
+            with torch.no_grad():
+                for w, c in zip(weights, clean):
+                    w.copy_(c)
+        optimizer.step()
+        return loss.detach()
+
+    def on_train_epoch_end(self) -> None:
+        self._step_scheduler_manually()
