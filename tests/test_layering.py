@@ -23,7 +23,7 @@ MODULE_ORDER = {
     "zo": ["perturbations", "estimators", "population", "parallel"],
     "training": ["checkpoints", "modules", "lightning_cli"],
     "evaluation": ["statistics", "robustness", "report", "deployment"],
-    "comparison": ["config", "report", "runner"],
+    "comparison": ["config", "report", "runner", "deployment"],
     "commands": ["errors", "robustness", "compare", "main"],
 }
 

@@ -6,6 +6,8 @@ evaluated under the same weight-noise draws, under one or several noise models.
 * :mod:`robusttrain.comparison.runner` — training every run (resumable) and evaluating them all.
 * :mod:`robusttrain.comparison.report` — summaries over seeds, ``report.md``, the robustness and
   frontier plots.
+* :mod:`robusttrain.comparison.deployment` — the comparison for a deployment (quantized, faulty,
+  noisy hardware): methods trained for it, evaluated through it.
 """
 
 from robusttrain.comparison.config import (
@@ -15,6 +17,12 @@ from robusttrain.comparison.config import (
     RobustnessSpec,
     Variant,
     load_config,
+)
+from robusttrain.comparison.deployment import (
+    DeploymentCompareConfig,
+    DeploymentMethod,
+    load_deployment_config,
+    run_deployment_comparison,
 )
 from robusttrain.comparison.report import (
     frontier_figure,
@@ -29,16 +37,20 @@ from robusttrain.comparison.runner import run_comparison, train_run
 __all__ = [
     "CompareConfig",
     "CompareConfigError",
+    "DeploymentCompareConfig",
+    "DeploymentMethod",
     "MethodSpec",
     "RobustnessSpec",
     "Variant",
     "frontier_figure",
     "load_config",
+    "load_deployment_config",
     "plot_frontier",
     "plot_robustness",
     "render_report",
     "robustness_figure",
     "run_comparison",
+    "run_deployment_comparison",
     "summarize_runs",
     "train_run",
 ]
