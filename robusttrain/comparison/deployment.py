@@ -418,17 +418,17 @@ def plot_deployment_comparison(
     methods = [m.name for m in cfg.methods]
     by = {(e["method"], e["target"]): e for e in entries}
     fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(targets) + 3), 4.6))
-    width = 0.8 / len(methods)
+    width = 0.8 / max(sum((m, t) in by for m in methods) for t in targets)
+    place = {}  # (method, target) -> x: the bars of a target side by side, centred on it
+    for j, target in enumerate(targets):
+        present = [m for m in methods if (m, target) in by]
+        for k, method in enumerate(present):
+            place[(method, target)] = j + width * (k - (len(present) - 1) / 2)
     handles = []
     for i, method in enumerate(methods):
-        xs, means, stds = [], [], []
-        for j, target in enumerate(targets):
-            e = by.get((method, target))
-            if e is not None:
-                xs.append(j - 0.4 + width * (i + 0.5))
-                means.append(100 * e["mean"])
-                stds.append(100 * e["std"])
-        handles.append(ax.bar(xs, means, width, yerr=stds, capsize=2, label=method,
+        keys = [(method, t) for t in targets if (method, t) in by]
+        handles.append(ax.bar([place[k] for k in keys], [100 * by[k]["mean"] for k in keys], width,
+                              yerr=[100 * by[k]["std"] for k in keys], capsize=2, label=method,
                               color=plt.get_cmap("tab10")(i % 10)))
     floats = [(by[(m, t)]["float_mean"], m) for m in methods for t in targets
               if (m, t) in by and by[(m, t)]["trained_through"] is None]
