@@ -309,6 +309,38 @@ class Classifier(LightningModule):
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
         }
 
+    def _step_with_gradient_at(
+        self,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        moved: list[torch.Tensor],
+        move: Any,
+        forward_context: contextlib.AbstractContextManager | None = None,
+    ) -> torch.Tensor:
+        """One optimizer step of θ with the gradient taken at a moved point.
+
+        ``move()`` changes the tensors ``moved`` in place (outside autograd); the forward and
+        backward pass run there (inside ``forward_context``), the clean tensors are written back
+        bit for bit, also on an error, and the optimizer steps θ with that gradient. Noise
+        injection (the moved point is θ + σg) and the straight-through estimator (it is the
+        deployed D(θ)) are both this step.
+        """
+        optimizer = self.optimizers()
+        clean = [t.detach().clone() for t in moved]
+        try:
+            with torch.no_grad():
+                move()
+            with forward_context or contextlib.nullcontext():
+                loss, logits, y = self.model_step(batch)
+            self._log_train(loss, logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+        finally:
+            with torch.no_grad():
+                for t, c in zip(moved, clean):
+                    t.copy_(c)
+        optimizer.step()
+        return loss.detach()
+
     def _step_scheduler_manually(self) -> None:
         """Manual optimization does not step schedulers: do it once per epoch, as configured."""
         scheduler = self.lr_schedulers()
@@ -807,25 +839,12 @@ class NoiseInjectionClassifier(Classifier):
         return tensors, [d * self.level for d in directions]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        optimizer = self.optimizers()
         params = [p for p in self.backbone.parameters() if p.requires_grad]
         generator = torch.Generator(device=self.device)
         generator.manual_seed(_step_seed(self.seed, self.global_step))
         moved, changes = self._perturbation(params, generator)
-        clean = [p.detach().clone() for p in moved]
-        try:
-            with torch.no_grad():
-                torch._foreach_add_(moved, changes)
-            loss, logits, y = self.model_step(batch)
-            self._log_train(loss, logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-        finally:
-            with torch.no_grad():
-                for p, c in zip(moved, clean):
-                    p.copy_(c)
-        optimizer.step()
-        return loss.detach()
+        return self._step_with_gradient_at(batch, moved,
+                                           lambda: torch._foreach_add_(moved, changes))
 
     def on_train_epoch_end(self) -> None:
         self._step_scheduler_manually()
@@ -876,26 +895,18 @@ class QuantizationAwareClassifier(Classifier):
         self.automatic_optimization = False
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        optimizer = self.optimizers()
         weights = [p for _, p in noisy_parameters(self.backbone)]
-        clean = [w.detach().clone() for w in weights]
         chip, reads = _deployment_seeds(_step_seed(self.seed, self.global_step), 0)
         device = weights[0].device
-        try:
+
+        def deploy() -> None:
             deploy_weights_(weights, self.deployment,
                             torch.Generator(device=device).manual_seed(chip),
                             torch.Generator(device=device).manual_seed(reads))
-            with output_converters(self.backbone, self.deployment, straight_through=True):
-                loss, logits, y = self.model_step(batch)
-            self._log_train(loss, logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-        finally:
-            with torch.no_grad():
-                for w, c in zip(weights, clean):
-                    w.copy_(c)
-        optimizer.step()
-        return loss.detach()
+
+        return self._step_with_gradient_at(
+            batch, weights, deploy,
+            output_converters(self.backbone, self.deployment, straight_through=True))
 
     def on_train_epoch_end(self) -> None:
         self._step_scheduler_manually()
