@@ -76,13 +76,6 @@ def level_class(monkeypatch):
     return "fake_level_training.LevelClassifier"
 
 
-@pytest.fixture
-def fashion_dir(data_roots):
-    if data_roots["fashion_mnist"] is None:
-        pytest.skip("Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
-    return data_roots["fashion_mnist"]
-
-
 @pytest.mark.slow
 def test_tiny_comparison_report_matches_csv_and_resumes(tmp_path, fashion_dir, monkeypatch):
     cfg = load_config(tiny_config(tmp_path, fashion_dir))

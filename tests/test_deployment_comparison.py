@@ -52,13 +52,6 @@ def tiny_config(tmp_path: Path, data_dir: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def fashion_dir(data_roots):
-    if data_roots["fashion_mnist"] is None:
-        pytest.skip("Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
-    return data_roots["fashion_mnist"]
-
-
 @pytest.mark.slow
 def test_tiny_deployment_comparison(tmp_path, fashion_dir, monkeypatch):
     cfg = load_deployment_config(tiny_config(tmp_path, fashion_dir))

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from blob_problem import blobs, loaders, sgd, trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from robusttrain.models import MLP
@@ -34,31 +34,6 @@ NOISY = [{"kind": "quantize", "bits": 2, "per_channel": True, "clip": 2.5},
          {"kind": "stuck_at", "p": 0.1},
          {"kind": "read_noise", "noise": "relative", "level": 0.05},
          {"kind": "output_quantize", "bits": 6}]
-
-
-def blobs(n=512, dim=8, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centers = 4 * torch.randn(classes, dim, generator=g)
-    y = torch.randint(0, classes, (n,), generator=g)
-    return centers[y] + torch.randn(n, dim, generator=g), y
-
-
-def loaders(batch_size=64):
-    x, y = blobs()
-    train = DataLoader(TensorDataset(x[:384], y[:384]), batch_size=batch_size, shuffle=False)
-    val = DataLoader(TensorDataset(x[384:], y[384:]), batch_size=128)
-    return train, val
-
-
-def trainer(tmp_path, **kwargs):
-    defaults = dict(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, accelerator="cpu", max_epochs=1)
-    defaults.update(kwargs)
-    return Trainer(**defaults)
-
-
-def sgd(lr=0.1, **kw):
-    return lambda params: torch.optim.SGD(params, lr=lr, **kw)
 
 
 def _backbone():

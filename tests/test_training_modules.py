@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from blob_problem import blobs, loaders, sgd, trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -18,34 +18,6 @@ from robusttrain.training import (
     load_checkpoint,
 )
 from robusttrain.training.modules import _step_seed
-
-
-def blobs(n=512, dim=8, classes=3, seed=0):
-    """Gaussian blobs that a linear model separates almost perfectly."""
-    g = torch.Generator().manual_seed(seed)
-    centers = 4 * torch.randn(classes, dim, generator=g)
-    y = torch.randint(0, classes, (n,), generator=g)
-    return centers[y] + torch.randn(n, dim, generator=g), y
-
-
-def loaders(batch_size=64):
-    x, y = blobs()
-    train = DataLoader(TensorDataset(x[:384], y[:384]), batch_size=batch_size, shuffle=False)
-    val = DataLoader(TensorDataset(x[384:], y[384:]), batch_size=128)
-    return train, val
-
-
-def trainer(tmp_path, **kwargs):
-    defaults = dict(
-        default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", max_epochs=1,
-    )
-    defaults.update(kwargs)
-    return Trainer(**defaults)
-
-
-def sgd(lr=0.1, **kw):
-    return lambda params: torch.optim.SGD(params, lr=lr, **kw)
 
 
 def test_backprop_classifier_learns_blobs(tmp_path):
