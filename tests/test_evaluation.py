@@ -341,12 +341,13 @@ def fake_fashion(tmp_path):
     return folder
 
 
-def write_checkpoint(path, data_dir, backbone=None):
+def write_checkpoint(path, data_dir, backbone=None, deployment=None):
     """A checkpoint in the format `robusttrain fit` writes, saved with plain torch.save."""
     backbone = backbone or MLP(784, [16], 10)
     torch.save({
         "state_dict": {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
-        "robusttrain": {"format": 1, "backbone": backbone.spec, "method": "sgd"},
+        "robusttrain": {"format": 1, "backbone": backbone.spec, "method": "sgd",
+                        "deployment": deployment},
         "datamodule_hyper_parameters": {"dataset": "fashion_mnist", "data_dir": str(data_dir),
                                         "val_size": 50, "split_seed": 0},
     }, path)
@@ -393,6 +394,39 @@ def test_cli_evaluates_checkpoints_through_a_deployment_sweep(tmp_path, fake_fas
     assert len(rows) == 2 * 2 * (2 * 3)  # models × values × chips × read-noise runs
     summary = json.loads((out / "deployment.json").read_text())
     assert summary["settings"]["sweep"] == "quantize.bits" and summary["settings"]["examples"] == 200
+
+
+def test_cli_evaluates_through_the_deployment_the_checkpoints_were_trained_for(
+        tmp_path, fake_fashion, capsys):
+    from robusttrain.noise import parse_deployment
+
+    torch.manual_seed(0)
+    steps = parse_deployment([{"kind": "quantize", "bits": 3}, {"kind": "stuck_at", "p": 0.02}])
+    a = write_checkpoint(tmp_path / "a.ckpt", fake_fashion, deployment=steps.to_list())
+    b = write_checkpoint(tmp_path / "b.ckpt", fake_fashion, deployment=steps.to_list())
+    common = ["--device-draws", "2", "--no-progress"]
+    code = main(["--ckpt", str(a), "--ckpt", str(b), "--deployment", "trained",
+                 "--out", str(tmp_path / "trained"), *common])
+    assert code == 0
+    assert "quantize(bits=3, per_channel=False) → stuck_at(p=0.02" in capsys.readouterr().out
+    # the same numbers as naming that deployment
+    named = tmp_path / "named.yaml"
+    named.write_text(json.dumps(steps.to_list()))
+    assert main(["--ckpt", str(a), "--ckpt", str(b), "--deployment", str(named),
+                 "--out", str(tmp_path / "named"), *common]) == 0
+    accs = [[r["accuracy"] for r in csv.DictReader((tmp_path / d / "deployment.csv").open())]
+            for d in ("trained", "named")]
+    assert accs[0] == accs[1] and len(accs[0]) == 2 * 2
+
+    plain = write_checkpoint(tmp_path / "plain.ckpt", fake_fashion)
+    assert main(["--ckpt", str(plain), "--deployment", "trained", "--out", str(tmp_path / "x"),
+                 *common]) == 2
+    assert "was not trained for a deployment" in capsys.readouterr().err
+    other = write_checkpoint(tmp_path / "other.ckpt", fake_fashion, deployment=[
+        {"kind": "quantize", "bits": 4}])
+    assert main(["--ckpt", str(a), "--ckpt", str(other), "--deployment", "trained",
+                 "--out", str(tmp_path / "y"), *common]) == 2
+    assert "trained for different deployments" in capsys.readouterr().err
 
 
 def test_cli_on_a_checkpoint_written_by_training(tmp_path, fashion_dir, capsys):

@@ -4,8 +4,10 @@
 --draws 50 --out DIR`` writes ``robustness.csv`` (one row per model, level and draw),
 ``summary.json`` and ``robustness.png`` (see :mod:`robusttrain.evaluation`).
 
-With ``--deployment <preset or YAML>`` the checkpoints are run through a deployment instead
-(quantization, faults, read noise, converters; :mod:`robusttrain.noise.deployment`) over
+With ``--deployment <preset or YAML>`` (or ``trained``: the deployment the checkpoints were
+trained for, see :class:`robusttrain.training.Classifier`) the checkpoints are run through a
+deployment instead (quantization, faults, read noise, converters;
+:mod:`robusttrain.noise.deployment`) over
 ``--device-draws`` chips × ``--inference-draws`` runs each, optionally at every value of one
 field (``--sweep quantize.bits=2,3,4,8``), and the command writes ``deployment.csv``,
 ``deployment.json`` and, with a sweep, ``deployment.png``.
@@ -29,7 +31,7 @@ from robusttrain.evaluation.deployment import (
 )
 from robusttrain.evaluation.report import format_table, write_report
 from robusttrain.evaluation.robustness import BN_MODES, evaluate_models, level_key
-from robusttrain.noise import NOISE_MODELS, PRESETS, parse_deployment
+from robusttrain.noise import NOISE_MODELS, PRESETS, Deployment, parse_deployment
 from robusttrain.training.checkpoints import load_checkpoint
 
 __all__ = ["DESCRIPTION", "main"]
@@ -84,7 +86,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
     parser.add_argument("--deployment",
                         help=f"evaluate through a deployment instead of weight noise: a preset "
-                             f"({', '.join(PRESETS)}) or a YAML list of steps")
+                             f"({', '.join(PRESETS)}), a YAML list of steps, or 'trained': the "
+                             f"deployment the checkpoints were trained for")
     parser.add_argument("--sweep", help="with --deployment: kind.field=v1,v2,... (e.g. "
                                         "quantize.bits=2,3,4,8 or stuck_at.p=0,0.01,0.05)")
     parser.add_argument("--device-draws", default="5",
@@ -123,6 +126,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _trained_deployment(paths: list[str]) -> Deployment:
+    """``--deployment trained``: the one deployment every checkpoint was trained for."""
+    found = []
+    for path in paths:
+        steps = load_checkpoint(path).meta.get("deployment")
+        if not steps:
+            raise _UsageError(f"--deployment trained: {path} was not trained for a deployment; "
+                              "name one (a preset or a YAML file)")
+        found.append(steps)
+    if any(steps != found[0] for steps in found[1:]):
+        raise _UsageError("--deployment trained: the checkpoints were trained for different "
+                          "deployments; evaluate them through one named deployment")
+    return Deployment(parse_deployment(found[0]).steps, "trained")
+
+
 def _run(args: argparse.Namespace) -> int:
     levels = _parse_levels(args.levels)
     if args.noise not in NOISE_MODELS:
@@ -136,7 +154,8 @@ def _run(args: argparse.Namespace) -> int:
     device_draws = _int_option("--device-draws", args.device_draws, 1)
     inference_draws = _int_option("--inference-draws", args.inference_draws, 1)
     if args.deployment is not None:
-        deployment = parse_deployment(args.deployment)
+        deployment = (_trained_deployment(args.ckpt) if args.deployment == "trained"
+                      else parse_deployment(args.deployment))
         if args.sweep is not None:
             sweep = parse_sweep(args.sweep)
             for value in sweep[2]:  # every swept value must make a valid deployment
