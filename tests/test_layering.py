@@ -22,9 +22,9 @@ MODULE_ORDER = {
     "noise": ["seeds", "weight", "deployment"],
     "zo": ["perturbations", "estimators", "population", "parallel"],
     "training": ["checkpoints", "modules", "lightning_cli"],
-    "evaluation": ["statistics", "robustness", "report", "deployment"],
+    "evaluation": ["statistics", "robustness", "report", "deployment", "attack"],
     "comparison": ["config", "report", "runner", "deployment"],
-    "commands": ["errors", "robustness", "compare", "main"],
+    "commands": ["errors", "robustness", "compare", "attack", "main"],
 }
 
 

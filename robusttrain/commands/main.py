@@ -8,8 +8,10 @@
 * ``robusttrain robustness ...`` — accuracy under weight noise (:mod:`robusttrain.commands.robustness`).
 * ``robusttrain compare ...`` — train several methods and compare them under weight noise
   (:mod:`robusttrain.commands.compare`).
+* ``robusttrain attack ...`` — black-box adversarial attacks on checkpoints
+  (:mod:`robusttrain.commands.attack`).
 
-``robusttrain --help`` lists all six. Anticipated bad input (:mod:`robusttrain.commands.errors`)
+``robusttrain --help`` lists all seven. Anticipated bad input (:mod:`robusttrain.commands.errors`)
 ends a subcommand with one line on stderr and exit code 2; anything else keeps its traceback.
 """
 
@@ -21,7 +23,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 
-from robusttrain.commands import compare, robustness
+from robusttrain.commands import attack, compare, robustness
 from robusttrain.commands.errors import USAGE_ERROR, one_line_error
 from robusttrain.training.lightning_cli import make_cli
 
@@ -35,6 +37,7 @@ SUBCOMMANDS: dict[str, str] = {
     "predict": "Lightning's predict loop (robusttrain's data modules define no predict data).",
     "robustness": robustness.DESCRIPTION,
     "compare": compare.DESCRIPTION,
+    "attack": attack.DESCRIPTION,
 }
 
 
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             return robustness.main(argv[1:])
         if command == "compare":
             return compare.main(argv[1:])
+        if command == "attack":
+            return attack.main(argv[1:])
         if not command.startswith("-") and command not in SUBCOMMANDS:
             print(f"robusttrain: error: unknown subcommand {command!r}; choose one of "
                   f"{', '.join(SUBCOMMANDS)} (see robusttrain --help)", file=sys.stderr)
