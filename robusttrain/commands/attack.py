@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from robusttrain.data import ImageDataModule
+from robusttrain.commands.errors import OneLineParser, UsageError
+from robusttrain.commands.robustness import checkpoints_and_data
 from robusttrain.evaluation.attack import (
     OPTIMIZERS,
     THREATS,
@@ -31,7 +32,6 @@ from robusttrain.evaluation.attack import (
 )
 from robusttrain.evaluation.report import save_figure
 from robusttrain.files import write_atomic
-from robusttrain.training import load_checkpoint
 
 __all__ = ["DESCRIPTION", "main"]
 
@@ -44,17 +44,8 @@ DEFAULT_LR = {"linf": {"zo_sgd": 0.003, "zo_signsgd": 0.01, "zo_adam": 0.01, "ne
               "l2": {"zo_sgd": 0.001, "zo_signsgd": 0.002, "zo_adam": 0.01, "nes": 0.1, "pgd": 0.1}}
 
 
-class _UsageError(ValueError):
-    """Bad command-line input; reported in one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise _UsageError(f"{message} (see --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="robusttrain attack", description=DESCRIPTION)
+    p = OneLineParser(prog="robusttrain attack", description=DESCRIPTION)
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint (repeatable)")
     p.add_argument("--name", action="append", help="a label per --ckpt")
     p.add_argument("--threat", default="linf", help=f"{' or '.join(THREATS)} (default linf)")
@@ -90,39 +81,30 @@ def _learning_rates(text: str, threat: str) -> dict[str, float]:
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
         if name not in OPTIMIZERS:
-            raise _UsageError(f"--lr names {name!r}; optimizers are {', '.join(OPTIMIZERS)}")
+            raise UsageError(f"--lr names {name!r}; optimizers are {', '.join(OPTIMIZERS)}")
         try:
             rates[name] = float(value)
         except ValueError:
-            raise _UsageError(f"--lr {item!r}: expected optimizer=number") from None
+            raise UsageError(f"--lr {item!r}: expected optimizer=number") from None
     return rates
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.threat not in THREATS:
-        raise _UsageError(f"--threat must be one of {', '.join(THREATS)}, got {args.threat!r}")
+        raise UsageError(f"--threat must be one of {', '.join(THREATS)}, got {args.threat!r}")
     optimizers = [o for o in args.optimizers.split(",") if o]
     unknown = [o for o in optimizers if o not in OPTIMIZERS]
     if unknown or not optimizers:
-        raise _UsageError(f"--optimizers: unknown {unknown}; choose from {', '.join(OPTIMIZERS)}")
+        raise UsageError(f"--optimizers: unknown {unknown}; choose from {', '.join(OPTIMIZERS)}")
     rates = _learning_rates(args.lr, args.threat)
     if args.images < 1:
-        raise _UsageError(f"--images must be >= 1, got {args.images}")
+        raise UsageError(f"--images must be >= 1, got {args.images}")
     if args.name and len(args.name) != len(args.ckpt):
-        raise _UsageError(f"{len(args.name)} --name for {len(args.ckpt)} --ckpt; give one each")
+        raise UsageError(f"{len(args.name)} --name for {len(args.ckpt)} --ckpt; give one each")
     names = args.name or [Path(p).parent.parent.name or Path(p).stem for p in args.ckpt]
     if len(set(names)) != len(names):
-        raise _UsageError(f"two checkpoints have the same name {names}; label them with --name")
-    loaded = [load_checkpoint(p) for p in args.ckpt]
-    data = {k: v for k, v in loaded[0].data.items() if not k.startswith("_")}
-    if "dataset" not in data:
-        raise _UsageError(f"{args.ckpt[0]} holds no data settings; use a checkpoint written by "
-                          "`robusttrain fit`")
-    if any(c.data.get("dataset") != data["dataset"] for c in loaded[1:]):
-        raise _UsageError("the checkpoints were trained on different datasets; attack like with like")
-    if args.data_dir:
-        data["data_dir"] = args.data_dir
-    dm = ImageDataModule(**data)
+        raise UsageError(f"two checkpoints have the same name {names}; label them with --name")
+    loaded, dm = checkpoints_and_data(args.ckpt, args.data_dir)
     dm.setup("test")
     mean = torch.tensor(dm.spec.mean).view(1, -1, 1, 1)
     std = torch.tensor(dm.spec.std).view(1, -1, 1, 1)
@@ -165,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     writer.writerows(rows)
     write_atomic(out / "attack.csv", buf.getvalue().encode())
     settings = {k: v for k, v in vars(args).items() if k not in ("ckpt", "name", "out")}
-    settings.update(checkpoints=dict(zip(names, args.ckpt)), dataset=data["dataset"],
+    settings.update(checkpoints=dict(zip(names, args.ckpt)), dataset=dm.spec.name,
                     queries_counted="every image sent to the model; pgd: forward-backward passes")
     write_atomic(out / "attack.json", (json.dumps({"settings": settings, "models": summary},
                                                   indent=2, allow_nan=False) + "\n").encode())

@@ -18,6 +18,7 @@ input but a bug or an environment problem, and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,9 +31,22 @@ from robusttrain.data import DatasetError
 from robusttrain.training import CheckpointError
 from robusttrain.zo import NonFiniteLossError
 
-__all__ = ["USAGE_ERROR", "one_line_error"]
+__all__ = ["USAGE_ERROR", "OneLineParser", "UsageError", "one_line_error"]
 
 USAGE_ERROR = 2  # exit code of a command stopped by bad input, as argparse's
+
+
+
+class UsageError(ValueError):
+    """A command-line mistake; reported in one line with exit code :data:`USAGE_ERROR`."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse`` that raises :class:`UsageError` (one line) instead of printing usage."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(f"{message} (see --help)")
+
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 _OWN_ERRORS = (DatasetError, CheckpointError, NonFiniteLossError)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from robusttrain.commands.errors import OneLineParser, UsageError
 from robusttrain.data import ImageDataModule
 from robusttrain.evaluation.deployment import (
     evaluate_deployment,
@@ -32,20 +33,11 @@ from robusttrain.evaluation.deployment import (
 from robusttrain.evaluation.report import format_table, write_report
 from robusttrain.evaluation.robustness import BN_MODES, evaluate_models, level_key
 from robusttrain.noise import NOISE_MODELS, PRESETS, Deployment, parse_deployment
-from robusttrain.training.checkpoints import load_checkpoint
+from robusttrain.training.checkpoints import LoadedCheckpoint, load_checkpoint
 
-__all__ = ["DESCRIPTION", "main"]
+__all__ = ["DESCRIPTION", "checkpoints_and_data", "main"]
 
 DESCRIPTION = "Accuracy of trained checkpoints under random perturbations of their weights."
-
-
-class _UsageError(ValueError):
-    """A command-line mistake; reported in one line with exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise _UsageError(f"{message} (see --help)")
 
 
 def _parse_levels(text: str) -> list[float]:
@@ -53,16 +45,16 @@ def _parse_levels(text: str) -> list[float]:
     try:
         levels = [float(v) for v in parts]
     except ValueError:
-        raise _UsageError(f"--levels must be comma-separated numbers >= 0, got {text!r}") from None
+        raise UsageError(f"--levels must be comma-separated numbers >= 0, got {text!r}") from None
     if not levels or any(not math.isfinite(v) or v < 0 for v in levels):
-        raise _UsageError(f"--levels must be comma-separated numbers >= 0, got {text!r}")
+        raise UsageError(f"--levels must be comma-separated numbers >= 0, got {text!r}")
     if len({level_key(v) for v in levels}) != len(levels):
-        raise _UsageError(f"--levels must be distinct, got {text!r}")
+        raise UsageError(f"--levels must be distinct, got {text!r}")
     return levels
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="robusttrain robustness", description=DESCRIPTION,
     )
     parser.add_argument("--ckpt", action="append", required=True,
@@ -102,9 +94,9 @@ def _int_option(flag: str, text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise _UsageError(f"{flag} must be an integer >= {low}, got {text!r}") from None
+        raise UsageError(f"{flag} must be an integer >= {low}, got {text!r}") from None
     if value < low:
-        raise _UsageError(f"{flag} must be an integer >= {low}, got {text!r}")
+        raise UsageError(f"{flag} must be an integer >= {low}, got {text!r}")
     return value
 
 
@@ -132,19 +124,50 @@ def _trained_deployment(paths: list[str]) -> Deployment:
     for path in paths:
         steps = load_checkpoint(path).meta.get("deployment")
         if not steps:
-            raise _UsageError(f"--deployment trained: {path} was not trained for a deployment; "
+            raise UsageError(f"--deployment trained: {path} was not trained for a deployment; "
                               "name one (a preset or a YAML file)")
         found.append(steps)
     if any(steps != found[0] for steps in found[1:]):
-        raise _UsageError("--deployment trained: the checkpoints were trained for different "
+        raise UsageError("--deployment trained: the checkpoints were trained for different "
                           "deployments; evaluate them through one named deployment")
     return Deployment(parse_deployment(found[0]).steps, "trained")
+
+
+def checkpoints_and_data(
+    paths: list[str], data_dir: str | None
+) -> tuple[list[LoadedCheckpoint], ImageDataModule]:
+    """The checkpoints at ``paths`` and a data module with their (shared) data settings.
+
+    ``data_dir`` replaces the folder the checkpoints were trained with. The data module is not
+    set up yet.
+
+    Raises:
+        UsageError: a checkpoint without data settings, or checkpoints of different datasets.
+    """
+    loaded = [load_checkpoint(p) for p in paths]
+    data = {k: v for k, v in loaded[0].data.items() if not k.startswith("_")}
+    if "dataset" not in data:
+        raise UsageError(f"{paths[0]} holds no data settings (no 'dataset' in "
+                         "datamodule_hyper_parameters); use a checkpoint written by "
+                         "`robusttrain fit`")
+    for other, path in zip(loaded[1:], paths[1:]):
+        if other.data.get("dataset") != data["dataset"]:
+            raise UsageError(f"{path} was trained on {other.data.get('dataset')}, "
+                              f"{paths[0]} on {data['dataset']}; compare like with like")
+    if data_dir:
+        data["data_dir"] = data_dir
+    try:
+        datamodule = ImageDataModule(**data)
+    except TypeError as err:  # a data setting this version does not know
+        raise UsageError(f"{paths[0]}: its data settings do not fit ImageDataModule "
+                          f"({err})") from None
+    return loaded, datamodule
 
 
 def _run(args: argparse.Namespace) -> int:
     levels = _parse_levels(args.levels)
     if args.noise not in NOISE_MODELS:
-        raise _UsageError(f"unknown noise model {args.noise!r}; choose one of "
+        raise UsageError(f"unknown noise model {args.noise!r}; choose one of "
                           f"{', '.join(NOISE_MODELS)}")
     draws = _int_option("--draws", args.draws, 1)
     seed = _int_option("--seed", args.seed, 0)
@@ -161,40 +184,24 @@ def _run(args: argparse.Namespace) -> int:
             for value in sweep[2]:  # every swept value must make a valid deployment
                 deployment.replace(sweep[0], sweep[1], value)
     elif args.sweep is not None:
-        raise _UsageError("--sweep needs --deployment (it sweeps a field of a deployment step)")
+        raise UsageError("--sweep needs --deployment (it sweeps a field of a deployment step)")
     if args.name and len(args.name) != len(args.ckpt):
-        raise _UsageError(f"{len(args.name)} --name for {len(args.ckpt)} --ckpt; give one each")
+        raise UsageError(f"{len(args.name)} --name for {len(args.ckpt)} --ckpt; give one each")
     names = args.name or [_default_name(p) for p in args.ckpt]
     if len(set(names)) != len(names):
-        raise _UsageError(f"two checkpoints have the same name {names}; label them with --name")
+        raise UsageError(f"two checkpoints have the same name {names}; label them with --name")
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        raise _UsageError(f"--device must be cpu or cuda[:k], got {args.device!r}") from None
+        raise UsageError(f"--device must be cpu or cuda[:k], got {args.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise _UsageError("--device cuda given but no CUDA device is available; use --device cpu")
+        raise UsageError("--device cuda given but no CUDA device is available; use --device cpu")
 
-    loaded = [load_checkpoint(p) for p in args.ckpt]
-    data = {k: v for k, v in loaded[0].data.items() if not k.startswith("_")}
-    if "dataset" not in data:
-        raise _UsageError(f"{args.ckpt[0]} holds no data settings (no 'dataset' in "
-                          "datamodule_hyper_parameters); use a checkpoint written by "
-                          "`robusttrain fit`")
-    for other, path in zip(loaded[1:], args.ckpt[1:]):
-        if other.data.get("dataset") != data["dataset"]:
-            raise _UsageError(f"{path} was trained on {other.data.get('dataset')}, "
-                              f"{args.ckpt[0]} on {data['dataset']}; compare like with like")
-    if args.data_dir:
-        data["data_dir"] = args.data_dir
-    try:
-        datamodule = ImageDataModule(**data)
-    except TypeError as err:  # a data setting this version does not know
-        raise _UsageError(f"{args.ckpt[0]}: its data settings do not fit ImageDataModule "
-                          f"({err})") from None
+    loaded, datamodule = checkpoints_and_data(args.ckpt, args.data_dir)
     datamodule.setup("fit" if args.split == "val" or args.bn_mode == "reestimate" else "test")
     if args.split == "val":
         if len(datamodule.val_y) == 0:
-            raise _UsageError("--split val but the checkpoint's data settings have val_size 0; "
+            raise UsageError("--split val but the checkpoint's data settings have val_size 0; "
                               "use --split test")
         x, y = datamodule.val_x, datamodule.val_y
     else:
