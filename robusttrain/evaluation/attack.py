@@ -22,6 +22,8 @@ threat set:
 * ``zo_adam``: Adam's moments on ĝ (Chen et al. 2017, ZOO-Adam);
 * ``nes``: the projected-gradient step of the threat model on the NES estimate (Ilyas et al. 2018):
   lr·sign ĝ for L∞ (the same step as ``zo_signsgd`` there), lr·ĝ/‖ĝ‖₂ for L2;
+* ``zo_l2l``: a learned optimizer (:mod:`robusttrain.evaluation.zo_l2l`, Ruan et al. 2020): an LSTM
+  turns ĝ into the step and a second one chooses the per-coordinate scale of the directions;
 * ``pgd``: the same step with the true gradient by autograd (Madry et al. 2018) — white box, the
   reference; its "queries" are forward-backward passes.
 
@@ -32,9 +34,10 @@ from a generator seeded with ``pair_seed(seed, k)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +45,34 @@ from torch import nn
 
 from robusttrain.noise.seeds import pair_seed
 
-__all__ = ["OPTIMIZERS", "THREATS", "AttackResult", "PixelModel", "margin_loss", "project",
+__all__ = ["LEARNED", "LOSS_STEPS", "OPTIMIZERS", "THREATS", "AttackResult", "LearnedOptimizer",
+           "PixelModel", "coordinate_scale", "margin_loss", "mean_loss_at_step", "project",
            "run_attack", "success_curve", "summarize_attack", "zo_input_gradient"]
 
 THREATS = ("linf", "l2")
-OPTIMIZERS = ("zo_sgd", "zo_signsgd", "zo_adam", "nes", "pgd")
+OPTIMIZERS = ("zo_sgd", "zo_signsgd", "zo_adam", "nes", "pgd")  # hand-designed, and the reference
+LEARNED = "zo_l2l"  # run_attack's name for a learned optimizer (give it as ``learned``)
+
+
+class LearnedOptimizer(Protocol):
+    """What :func:`run_attack` needs of a learned optimizer (:class:`~robusttrain.evaluation.zo_l2l.
+    LearnedZOOptimizer`): per-image memory, one step, and what it was trained for."""
+
+    settings: dict[str, Any]
+    uses_query: bool
+
+    def initial_state(self, images: int, dims: int, device: Any = "cpu") -> Any: ...
+
+    def step(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             delta: torch.Tensor, rows: torch.Tensor, state: Any, *, num_pairs: int, sigma: float,
+             unit: float, generator: torch.Generator, use_query: bool) -> tuple[Any, Any, Any]: ...
+
+    def describe(self) -> str: ...
+
+
+def coordinate_scale(eps: float, threat: str, dims: int) -> float:
+    """The size of one coordinate of the threat set: ε for L∞, ε/√d for L2 (ε spread evenly)."""
+    return eps if threat == "linf" else eps / math.sqrt(dims)
 
 
 def margin_loss(
@@ -83,8 +109,12 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps: float, threat: str) -> to
 def zo_input_gradient(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], delta: torch.Tensor,
     rows: torch.Tensor, *, num_pairs: int, sigma: float, generator: torch.Generator,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The antithetic estimate ĝ of ∇_δ ℓ for every image at once (2·num_pairs queries each).
+
+    With ``scale`` s the directions are u_i = s ⊙ g_i and ĝ is unbiased for S²∇ℓ_S, the gradient
+    of the loss smoothed with N(0, σ²S²), preconditioned by S² (:mod:`robusttrain.evaluation.zo_l2l`).
 
     Args:
         loss_fn: ``loss_fn(delta_batch, rows_batch)`` -> per-row losses; ``rows_batch`` says which
@@ -94,8 +124,11 @@ def zo_input_gradient(
         num_pairs: q.
         sigma: σ, in pixel units.
         generator: draws the directions u_i (B·q standard normal images).
+        scale: (B, ...) per-coordinate scales s of the directions, or ``None`` (s = 1).
     """
     u = torch.randn((num_pairs, *delta.shape), generator=generator, device=delta.device)
+    if scale is not None:
+        u = u * scale
     moved = torch.cat([delta.unsqueeze(0) + sigma * u, delta.unsqueeze(0) - sigma * u])
     losses = loss_fn(moved.flatten(0, 1), rows.repeat(2 * num_pairs)).view(2, num_pairs, -1)
     diff = (losses[0] - losses[1]).view(num_pairs, -1, *([1] * (delta.dim() - 1)))
@@ -110,6 +143,9 @@ class AttackResult:
     queries: torch.Tensor  # (B,) long: queries at success, or all spent
     distortion: torch.Tensor  # (B,) ‖δ‖ in the threat model's norm
     curve: list[dict[str, float]] = field(default_factory=list)  # per step: queries, mean loss
+    # (steps + 1, B): attack loss of each image at the check of each step; an image that stopped
+    # (broken or out of budget) keeps its last value
+    loss_trace: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,7 +153,7 @@ def run_attack(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, threat: str = "linf",
     optimizer: str = "zo_adam", targets: torch.Tensor | None = None, max_queries: int = 10_000,
     num_pairs: int = 10, sigma: float = 0.001, lr: float = 0.01, kappa: float = 0.0,
-    seed: int = 0, batch_size: int = 4096,
+    seed: int = 0, batch_size: int = 4096, learned: LearnedOptimizer | None = None,
 ) -> AttackResult:
     """Attack every image of ``x`` (pixels in [0, 1]) on ``model`` (which takes such pixels).
 
@@ -126,7 +162,7 @@ def run_attack(
         x, y: images and their true labels.
         eps: the budget ε in pixel units.
         threat: ``"linf"`` or ``"l2"``.
-        optimizer: one of :data:`OPTIMIZERS`.
+        optimizer: one of :data:`OPTIMIZERS`, or :data:`LEARNED` with ``learned``.
         targets: target classes (targeted attack), or ``None``.
         max_queries: budget of model queries per image (``pgd``: forward-backward passes).
         num_pairs: antithetic pairs q per step (zeroth-order optimizers).
@@ -135,14 +171,23 @@ def run_attack(
         kappa: margin confidence κ.
         seed: base seed of the directions.
         batch_size: images per forward pass.
+        learned: the learned optimizer ``zo_l2l`` runs (its ``lr`` is ignored: it learned steps
+            in units of the threat set).
 
     Raises:
         ValueError: a bad setting; the message names it.
     """
     if threat not in THREATS:
         raise ValueError(f"threat must be one of {', '.join(THREATS)}, got {threat!r}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if optimizer not in (*OPTIMIZERS, LEARNED):
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)} or {LEARNED}, got "
+                         f"{optimizer!r}")
+    if (optimizer == LEARNED) != (learned is not None):
+        raise ValueError(f"optimizer {LEARNED!r} needs a learned optimizer (learned=...), and "
+                         "only it takes one")
+    if learned is not None and learned.settings.get("threat") not in (None, threat):
+        raise ValueError(f"the learned optimizer was meta-trained for the "
+                         f"{learned.settings['threat']} threat, not {threat}")
     for name, value in (("eps", eps), ("sigma", sigma), ("lr", lr)):
         if not (isinstance(value, (int, float)) and value > 0):
             raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -156,14 +201,19 @@ def run_attack(
     model.eval()
     try:
         return _attack(model, x, y, eps, threat, optimizer, targets, max_queries, num_pairs,
-                       sigma, lr, kappa, seed, batch_size)
+                       sigma, lr, kappa, seed, batch_size, learned)
     finally:
         model.train(was_training)
 
 
 def _attack(model, x, y, eps, threat, optimizer, targets, max_queries, num_pairs, sigma, lr, kappa,
-            seed, batch_size) -> AttackResult:
+            seed, batch_size, learned) -> AttackResult:
     n = x.shape[0]
+    current_loss = torch.zeros(n)
+    trace = []
+    if learned is not None:
+        state = learned.initial_state(n, x[0].numel(), device=x.device)
+        unit = coordinate_scale(eps, threat, x[0].numel())
     delta = torch.zeros_like(x)
     queries = torch.zeros(n, dtype=torch.long)
     success = torch.zeros(n, dtype=torch.bool)
@@ -192,6 +242,8 @@ def _attack(model, x, y, eps, threat, optimizer, targets, max_queries, num_pairs
             loss = margin_loss(logits, y[active], None if targets is None else targets[active],
                                kappa)
         queries[active] += 1
+        current_loss[active] = loss.detach().to(current_loss.device)
+        trace.append(current_loss.clone())
         predicted = logits.detach().argmax(dim=1)
         wrong = predicted != y[active] if targets is None else predicted == targets[active]
         success[active[wrong]] = True
@@ -205,6 +257,17 @@ def _attack(model, x, y, eps, threat, optimizer, targets, max_queries, num_pairs
         if optimizer == "pgd":
             g = torch.autograd.grad(loss.sum(), d)[0][keep]
         active, d = active[keep], d.detach()[keep]
+        if learned is not None:
+            generator = torch.Generator(device=x.device).manual_seed(pair_seed(seed, step))
+            with torch.no_grad():
+                moved, mine, _ = learned.step(losses, d, active, state.rows(active),
+                                              num_pairs=num_pairs, sigma=sigma, unit=unit,
+                                              generator=generator, use_query=learned.uses_query)
+            state.put(active, mine)
+            queries[active] += 2 * num_pairs
+            delta[active] = project(moved, x[active], eps, threat)
+            step += 1
+            continue
         if optimizer != "pgd":
             generator = torch.Generator(device=x.device).manual_seed(pair_seed(seed, step))
             with torch.no_grad():
@@ -216,10 +279,12 @@ def _attack(model, x, y, eps, threat, optimizer, targets, max_queries, num_pairs
         step += 1
     norms = (delta.flatten(1).abs().amax(dim=1) if threat == "linf"
              else delta.flatten(1).norm(dim=1))
-    return AttackResult(success=success, queries=queries, distortion=norms, curve=curve, settings={
+    return AttackResult(success=success, queries=queries, distortion=norms, curve=curve,
+                        loss_trace=torch.stack(trace), settings={
         "eps": eps, "threat": threat, "optimizer": optimizer, "targeted": targets is not None,
         "max_queries": max_queries, "num_pairs": num_pairs, "sigma": sigma, "lr": lr,
-        "kappa": kappa, "seed": seed, "images": n})
+        "kappa": kappa, "seed": seed, "images": n,
+        **({"learned": learned.describe()} if learned is not None else {})})
 
 
 def _step(optimizer: str, threat: str, g: torch.Tensor, lr: float, m: torch.Tensor,
@@ -262,7 +327,8 @@ def summarize_attack(result: AttackResult) -> dict[str, Any]:
 
     ``success_rate`` counts every image (one the model already gets wrong is a success at its
     first query); ``success_rate_on_correct``, ``median_queries``, ``mean_queries`` and
-    ``mean_distortion`` count only the images the model classified correctly (``correct``).
+    ``mean_distortion`` count only the images the model classified correctly (``correct``);
+    ``mean_loss_at_step`` is the attack loss over all images after 0, 10, ... steps.
     """
     already = result.success & (result.queries <= 1)
     broken = result.success & ~already
@@ -275,4 +341,14 @@ def summarize_attack(result: AttackResult) -> dict[str, Any]:
         "median_queries": float(result.queries[broken].float().median()) if broken.any() else None,
         "mean_queries": float(result.queries[broken].float().mean()) if broken.any() else None,
         "mean_distortion": float(result.distortion[broken].mean()) if broken.any() else None,
+        "mean_loss_at_step": {str(k): mean_loss_at_step(result, k) for k in LOSS_STEPS},
     }
+
+
+LOSS_STEPS = (0, 10, 50, 100, 200, 400)
+
+
+def mean_loss_at_step(result: AttackResult, step: int) -> float:
+    """Mean attack loss over all images after ``step`` steps (a stopped image keeps its last)."""
+    trace = result.loss_trace
+    return float(trace[min(step, trace.shape[0] - 1)].mean())
