@@ -22,9 +22,9 @@ MODULE_ORDER = {
     "noise": ["seeds", "weight", "deployment"],
     "zo": ["perturbations", "estimators", "population", "parallel"],
     "training": ["checkpoints", "modules", "lightning_cli"],
-    "evaluation": ["statistics", "robustness", "report", "deployment", "attack"],
+    "evaluation": ["statistics", "robustness", "report", "deployment", "attack", "zo_l2l"],
     "comparison": ["config", "report", "runner", "deployment"],
-    "commands": ["errors", "robustness", "compare", "attack", "main"],
+    "commands": ["errors", "robustness", "compare", "attack", "meta_train", "main"],
 }
 
 
