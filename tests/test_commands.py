@@ -96,7 +96,7 @@ def test_help_lists_every_subcommand_with_its_description(capsys):
     rows = {line.split(None, 1)[0]: line.split(None, 1)[1]
             for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
     assert list(SUBCOMMANDS) == ["fit", "validate", "test", "predict", "robustness", "compare",
-                                "attack"]
+                                "attack", "meta-train"]
     for name, text in SUBCOMMANDS.items():
         assert rows[name] == text, name
 

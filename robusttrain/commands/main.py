@@ -10,8 +10,10 @@
   (:mod:`robusttrain.commands.compare`).
 * ``robusttrain attack ...`` — black-box adversarial attacks on checkpoints
   (:mod:`robusttrain.commands.attack`).
+* ``robusttrain meta-train ...`` — meta-train a learned attack optimizer
+  (:mod:`robusttrain.commands.meta_train`).
 
-``robusttrain --help`` lists all seven. Anticipated bad input (:mod:`robusttrain.commands.errors`)
+``robusttrain --help`` lists all eight. Anticipated bad input (:mod:`robusttrain.commands.errors`)
 ends a subcommand with one line on stderr and exit code 2; anything else keeps its traceback.
 """
 
@@ -23,7 +25,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 
-from robusttrain.commands import attack, compare, robustness
+from robusttrain.commands import attack, compare, meta_train, robustness
 from robusttrain.commands.errors import USAGE_ERROR, one_line_error
 from robusttrain.training.lightning_cli import make_cli
 
@@ -38,6 +40,7 @@ SUBCOMMANDS: dict[str, str] = {
     "robustness": robustness.DESCRIPTION,
     "compare": compare.DESCRIPTION,
     "attack": attack.DESCRIPTION,
+    "meta-train": meta_train.DESCRIPTION,
 }
 
 
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             return compare.main(argv[1:])
         if command == "attack":
             return attack.main(argv[1:])
+        if command == "meta-train":
+            return meta_train.main(argv[1:])
         if not command.startswith("-") and command not in SUBCOMMANDS:
             print(f"robusttrain: error: unknown subcommand {command!r}; choose one of "
                   f"{', '.join(SUBCOMMANDS)} (see robusttrain --help)", file=sys.stderr)
