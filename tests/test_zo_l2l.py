@@ -289,6 +289,44 @@ def test_meta_training_lowers_the_attack_loss_on_held_out_images(toy):
     assert after.mean() < before.mean() / 3 and after.mean() < start.mean() / 3
 
 
+def test_validation_keeps_the_parameters_that_attacked_the_held_out_images_best(toy):
+    model, x, y = toy
+    xv, yv = _toy_images(model, 32, seed=3)
+    learned = _fresh()
+    history = meta_train(learned, model, x, y, stage="update", episodes=6, validate_every=2,
+                         validation=(xv, yv), **META)
+    measured = {h["episode"]: h["validation_loss"] for h in history if "validation_loss" in h}
+    assert sorted(measured) == [0, 2, 4, 6]  # before training, then every 2 episodes
+    kept = learned.settings["stages"]["update"]
+    assert kept["validation_loss"] == min(measured.values())
+    assert measured[kept["kept_episode"]] == kept["validation_loss"]
+    # the optimizer now holds those parameters: the same attack gives the same loss again
+    again = run_attack(model, xv, yv, eps=META["eps"], optimizer="zo_l2l", learned=learned,
+                       num_pairs=META["num_pairs"],
+                       max_queries=1 + META["iterations"] * (2 * META["num_pairs"] + 1))
+    assert mean_loss_at_step(again, META["iterations"]) == kept["validation_loss"]
+
+
+def test_a_query_stage_that_fails_leaves_the_stages_as_they_were(toy):
+    model, x, y = toy
+    learned = _fresh()
+    meta_train(learned, model, x, y, stage="update", episodes=1, **META)
+    broken = nn.Sequential(model, _Times(float("nan")))  # NaN logits: a NaN meta-loss
+    with pytest.raises(ValueError, match="meta-loss became nan"):
+        meta_train(learned, broken, x, y, stage="query", episodes=1, **META)
+    assert learned.trained_stages == ["update"]
+    assert all(p.requires_grad for p in model.parameters())
+
+
+class _Times(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.factor
+
+
 def test_each_stage_trains_only_its_own_rnn(toy):
     model, x, y = toy
     learned = _fresh()
@@ -531,9 +569,11 @@ def test_learned_attack_settings_are_checked(trained, optimizer, give_learned, t
 
 
 def _meta_train_args(ckpt, out, *extra: str) -> list[str]:
-    # the tiny checkpoint classifies 4 of the first 48 training images right: batches of 2
+    # the tiny checkpoint classifies 4 of the first 48 training images right: batches of 2, and
+    # 2 to validate
     return ["--ckpt", str(ckpt), "--images", "64", "--batch-size", "2", "--iterations", "4",
-            "--unroll", "2", "--num-pairs", "2", "--out", str(out), *extra]
+            "--unroll", "2", "--num-pairs", "2", "--validation-images", "2", "--out", str(out),
+            *extra]
 
 
 def test_meta_train_command_writes_the_optimizer_and_its_history_stage_by_stage(
@@ -547,9 +587,12 @@ def test_meta_train_command_writes_the_optimizer_and_its_history_stage_by_stage(
     assert "wrote" in capsys.readouterr().out
     record = json.loads(second.with_suffix(".json").read_text())
     assert record["trained_stages"] == ["update", "query"]
-    assert [h["stage"] for h in record["history"]] == ["update", "update", "query"]
+    # each validated stage starts with its validation before training (episode 0)
+    assert [(h["stage"], h["episode"]) for h in record["history"]] == [
+        ("update", 0), ("update", 1), ("update", 2), ("query", 0), ("query", 1)]
+    assert record["settings"]["stages"]["query"]["validation_images"] == 2
     assert record["settings"]["checkpoint"] == str(ckpt)
-    assert record["settings"]["threat"] == "linf" and record["settings"]["images"] == 4
+    assert record["settings"]["threat"] == "linf" and record["settings"]["images"] == 2
     learned, history = load_learned(second)
     assert history == record["history"] and learned.trained_stages == record["trained_stages"]
     assert learned.settings == record["settings"]
@@ -627,8 +670,9 @@ def test_attack_command_split_train_attacks_training_images(tmp_path, tiny_mnist
     (["--stages", "foo"], "--stages must list some of update, query once each, got 'foo'"),
     (["--stages", "update,update"], "--stages must list some of update, query once each"),
     (["--stages", "query"], "run the 'update' stage first"),
-    (["--batch-size", "8"], "training images are classified right, fewer than --batch-size 8; "
-                            "raise --images"),
+    (["--batch-size", "8"], "training images are classified right, fewer than --batch-size 8 + "
+                            "--validation-images 2; raise --images"),
+    (["--init", "x.pt", "--hidden-size", "4"], "--hidden-size applies to a new optimizer"),
     (["--init", "missing.pt"], "learned optimizer missing.pt not found"),
 ])
 def test_meta_train_command_bad_input_is_one_line(tmp_path, tiny_mnist, capsys, args, message):

@@ -17,12 +17,11 @@ import argparse
 import csv
 import io
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from robusttrain.commands.errors import OneLineParser, UsageError
+from robusttrain.commands.errors import OneLineParser, UsageError, run_in_one_line
 from robusttrain.commands.robustness import checkpoints_and_data
 from robusttrain.evaluation.attack import (
     LEARNED,
@@ -37,7 +36,7 @@ from robusttrain.evaluation.report import save_figure
 from robusttrain.evaluation.zo_l2l import load_learned
 from robusttrain.files import write_atomic
 
-__all__ = ["DESCRIPTION", "main"]
+__all__ = ["DESCRIPTION", "add_query_options", "main"]
 
 DESCRIPTION = "Black-box adversarial attacks on checkpoints (zeroth-order optimizers, PGD reference)."
 
@@ -66,22 +65,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("test", "train"),
                    help="attack test images (default) or training images (to tune step sizes)")
     p.add_argument("--max-queries", type=int, default=10_000, help="per image (default 10000)")
+    add_query_options(p)
+    p.add_argument("--out", required=True, help="output folder")
+    return p
+
+
+def add_query_options(p: argparse.ArgumentParser) -> None:
+    """The options of the queries, shared with ``robusttrain meta-train``: the estimate's pairs
+    and σ, the loss's κ, the seed, and where the data are."""
     p.add_argument("--num-pairs", type=int, default=10, help="antithetic pairs per step")
     p.add_argument("--sigma", type=float, default=0.001, help="smoothing σ in pixel units")
     p.add_argument("--kappa", type=float, default=0.0, help="margin confidence κ")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="where the dataset files are (default: the checkpoint's)")
-    p.add_argument("--out", required=True, help="output folder")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; 0 on success, 2 on bad input (after one line on stderr)."""
-    try:
-        return _run(_parser().parse_args(argv))
-    except ValueError as err:  # bad options, CheckpointError, DatasetError are ValueErrors
-        print(f"robusttrain attack: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    return run_in_one_line("robusttrain attack", _parser(), _run, argv)
 
 
 def _learning_rates(text: str, threat: str) -> dict[str, float]:
@@ -207,15 +208,8 @@ def _plot(summary, rows, names, optimizers, args, path: Path) -> None:
         for i, optimizer in enumerate(optimizers):
             mine = [r for r in rows if r["model"] == name and r["optimizer"] == optimizer]
             q = np.array([r["queries"] if r["success"] else np.inf for r in mine])
-            label, style, width = optimizer, "-", 1.5
-            if optimizer == "pgd":
-                style = "--"
-            elif optimizer == "zo_signsgd" and args.threat == "linf":
-                width = 4.0  # drawn wide: nes takes the same steps in L∞ and lies on top of it
-            elif optimizer == "nes" and args.threat == "linf" and "zo_signsgd" in optimizers:
-                label = "nes (= zo_signsgd in L∞)"
             ax.plot(grid, [100 * np.mean(q <= g) for g in grid], color=plt.cm.tab10(i),
-                    label=label, linestyle=style, linewidth=width, alpha=0.6 if width > 2 else 1)
+                    **_style(optimizer, optimizers, args))
         ax.set_xscale("log")
         ax.set_ylim(0, 101)
         ax.set_xlabel("queries per image")
@@ -226,6 +220,18 @@ def _plot(summary, rows, names, optimizers, args, path: Path) -> None:
     fig.suptitle(_title(args), fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _style(optimizer: str, optimizers: list[str], args) -> dict:
+    """Line label and style of one optimizer, the same in both figures."""
+    if optimizer == "pgd":
+        return {"label": optimizer, "linestyle": "--", "linewidth": 1.5}
+    if optimizer == "zo_signsgd" and args.threat == "linf" and "nes" in optimizers:
+        # drawn wide: nes takes the same steps in L∞ and lies on top of it
+        return {"label": optimizer, "linewidth": 4.0, "alpha": 0.6}
+    if optimizer == "nes" and args.threat == "linf" and "zo_signsgd" in optimizers:
+        return {"label": "nes (= zo_signsgd in L∞)", "linewidth": 1.5}
+    return {"label": optimizer, "linewidth": 1.5}
 
 
 def _title(args) -> str:
@@ -245,9 +251,8 @@ def _plot_loss(traces, names, optimizers, args, path: Path) -> None:
         for i, optimizer in enumerate(optimizers):
             per_step, mean_loss = traces[name, optimizer]
             queries = 1 + per_step * torch.arange(len(mean_loss))
-            style = "--" if optimizer == "pgd" else "-"
-            ax.plot(queries.numpy(), mean_loss.numpy(), color=plt.cm.tab10(i), label=optimizer,
-                    linestyle=style, linewidth=1.5)
+            ax.plot(queries.numpy(), mean_loss.numpy(), color=plt.cm.tab10(i),
+                    **_style(optimizer, optimizers, args))
         ax.set_xscale("log")
         ax.set_xlim(1, args.max_queries)
         ax.set_ylim(bottom=-args.kappa)

@@ -19,8 +19,9 @@ input but a bug or an environment problem, and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -31,7 +32,7 @@ from robusttrain.data import DatasetError
 from robusttrain.training import CheckpointError
 from robusttrain.zo import NonFiniteLossError
 
-__all__ = ["USAGE_ERROR", "OneLineParser", "UsageError", "one_line_error"]
+__all__ = ["USAGE_ERROR", "OneLineParser", "UsageError", "one_line_error", "run_in_one_line"]
 
 USAGE_ERROR = 2  # exit code of a command stopped by bad input, as argparse's
 
@@ -46,6 +47,17 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         raise UsageError(f"{message} (see --help)")
+
+
+def run_in_one_line(prog: str, parser: argparse.ArgumentParser,
+                    run: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """Parse ``argv`` and ``run`` it; a ValueError (bad options, CheckpointError, DatasetError)
+    ends it with one line ``<prog>: error: ...`` on stderr and :data:`USAGE_ERROR`."""
+    try:
+        return run(parser.parse_args(argv))
+    except ValueError as err:
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from robusttrain.commands.errors import OneLineParser, UsageError
+from robusttrain.commands.attack import add_query_options
+from robusttrain.commands.errors import OneLineParser, UsageError, run_in_one_line
 from robusttrain.commands.robustness import checkpoints_and_data
 from robusttrain.evaluation.attack import THREATS, PixelModel
 from robusttrain.evaluation.zo_l2l import (
@@ -46,27 +46,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, help="LSTM units of a new optimizer (default 10)")
     p.add_argument("--images", type=int, default=1000,
                    help="the first N training images; those misclassified are dropped")
-    p.add_argument("--episodes", type=int, default=40, help="episodes per stage (default 40)")
+    p.add_argument("--episodes", type=int, default=60, help="episodes per stage (default 60)")
+    p.add_argument("--validation-images", type=int, default=100,
+                   help="of those images, the last N choose the kept parameters of each stage "
+                        "(default 100; 0: keep the last)")
+    p.add_argument("--validate-every", type=int, default=5, help="episodes between validations")
     p.add_argument("--iterations", type=int, default=200, help="attack steps per episode")
     p.add_argument("--unroll", type=int, default=20, help="steps per truncated unroll")
     p.add_argument("--batch-size", type=int, default=32, help="images per episode")
-    p.add_argument("--num-pairs", type=int, default=10, help="antithetic pairs per step")
-    p.add_argument("--sigma", type=float, default=0.001, help="smoothing σ in pixel units")
     p.add_argument("--lr", type=float, default=0.005, help="Adam's step size for the RNNs")
-    p.add_argument("--kappa", type=float, default=0.0, help="margin confidence κ")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", help="where the dataset files are (default: the checkpoint's)")
+    add_query_options(p)
     p.add_argument("--out", required=True, help="file to write the optimizer to (e.g. zo_l2l.pt)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; 0 on success, 2 on bad input (after one line on stderr)."""
-    try:
-        return _run(_parser().parse_args(argv))
-    except ValueError as err:  # bad options, CheckpointError, DatasetError are ValueErrors
-        print(f"robusttrain meta-train: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    return run_in_one_line("robusttrain meta-train", _parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -95,17 +91,26 @@ def _run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         right = model(x).argmax(dim=1) == y
     x, y = x[right], y[right]
-    if len(x) < args.batch_size:
+    if args.validation_images < 0:
+        raise UsageError(f"--validation-images must be >= 0, got {args.validation_images}")
+    if len(x) < args.batch_size + args.validation_images:
         raise UsageError(f"only {len(x)} of the first {len(y_all)} training images are classified "
-                         f"right, fewer than --batch-size {args.batch_size}; raise --images")
-    print(f"meta-training on {len(x)} training images of {args.ckpt} ({dm.spec.name}), "
+                         f"right, fewer than --batch-size {args.batch_size} + "
+                         f"--validation-images {args.validation_images}; raise --images")
+    validation = None
+    if args.validation_images:
+        validation = (x[-args.validation_images:], y[-args.validation_images:])
+        x, y = x[:-args.validation_images], y[:-args.validation_images]
+    print(f"meta-training on {len(x)} training images of {args.ckpt} ({dm.spec.name}; "
+          f"{args.validation_images} more to validate), "
           f"{args.threat} ε = {args.eps:g}, stages {' then '.join(stages)}")
     for stage in stages:
         history += meta_train(learned, model, x, y, stage=stage, eps=args.eps, threat=args.threat,
                               num_pairs=args.num_pairs, sigma=args.sigma,
                               iterations=args.iterations, unroll=args.unroll,
                               episodes=args.episodes, batch_size=args.batch_size, lr=args.lr,
-                              kappa=args.kappa, seed=args.seed)
+                              kappa=args.kappa, seed=args.seed, validation=validation,
+                              validate_every=args.validate_every)
     learned.settings.update(checkpoint=args.ckpt, dataset=dm.spec.name, images=len(x))
     out = Path(args.out)
     save_learned(learned, out, history)

@@ -29,7 +29,9 @@ rule, and learns where to query:
 Meta-training (:func:`meta_train`) runs attacks on training images of a model the attacker owns and
 minimizes the mean attack loss along the trajectory, in truncated unrolls (``unroll`` steps each,
 the state carried over and cut from the graph between them), in the paper's two stages: first
-the UpdateRNN with standard normal directions, then the QueryRNN with the UpdateRNN frozen. As in
+the UpdateRNN with standard normal directions, then the QueryRNN with the UpdateRNN frozen; with
+held-out validation images each stage keeps the parameters that attack them best (measured before
+training too, so a QueryRNN that does not help stays at s = 1). As in
 the reference implementation's default, the meta-gradient is *first order*: the loss at δ_{t+1}
 is differentiated through the model (white box at meta-training time, never at attack time), ĝ is
 treated as an input of the UpdateRNN (its dependence on δ dropped, as Andrychowicz et al. drop
@@ -52,10 +54,13 @@ import torch
 from torch import nn
 
 from robusttrain.evaluation.attack import (
+    LEARNED,
     THREATS,
     coordinate_scale,
     margin_loss,
+    mean_loss_at_step,
     project,
+    run_attack,
     zo_input_gradient,
 )
 from robusttrain.files import write_atomic
@@ -256,8 +261,9 @@ def load_learned(path: str | Path) -> tuple[LearnedZOOptimizer, list[dict[str, f
 def meta_train(
     learned: LearnedZOOptimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     stage: str, eps: float, threat: str = "linf", num_pairs: int = 10, sigma: float = 0.001,
-    iterations: int = 200, unroll: int = 20, episodes: int = 20, batch_size: int = 32,
+    iterations: int = 200, unroll: int = 20, episodes: int = 60, batch_size: int = 32,
     lr: float = 0.005, kappa: float = 0.0, seed: int = 0,
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None, validate_every: int = 5,
     log: Callable[[str], None] | None = print,
 ) -> list[dict[str, float]]:
     """Meta-train one stage of ``learned`` on attacks against ``model`` on images ``x``.
@@ -266,6 +272,12 @@ def meta_train(
     from δ = 0, cut into truncated unrolls of ``unroll`` steps; after each unroll the mean attack
     loss over its steps (plus the QueryRNN penalty) is back-propagated and Adam steps the stage's
     parameters (the other RNN is frozen).
+
+    With ``validation`` images, the stage keeps the parameters that attack them best: the mean
+    attack loss after ``iterations`` steps of the real attack (:func:`~robusttrain.evaluation.
+    attack.run_attack`, fixed seed) is measured before the first episode and every
+    ``validate_every`` episodes, and the lowest wins (the reference implementation's
+    ``ckpt_best``). A QueryRNN that does not help on the validation images is thus left at s = 1.
 
     Args:
         learned: the optimizer, changed in place; ``stage="query"`` needs a trained UpdateRNN.
@@ -280,11 +292,15 @@ def meta_train(
         lr: Adam's step size.
         kappa: margin confidence κ of the attack loss.
         seed: seeds the images of each episode and the directions.
+        validation: held-out (images, labels) to choose the kept parameters, or ``None`` (keep
+            the last).
+        validate_every: episodes between validations.
         log: called with one line per episode (``None``: silent).
 
     Returns:
         per episode: ``{"episode", "stage", "meta_loss" (mean over its unrolls), "final_loss"
-        (mean attack loss after the last step), "seconds"}``.
+        (mean attack loss after the last step), "seconds"}``, plus ``"validation_loss"`` where it
+        was measured; the first entry of a validated stage is episode 0, before training.
 
     Raises:
         ValueError: a bad setting; the message names it.
@@ -297,7 +313,8 @@ def meta_train(
     if threat not in THREATS:
         raise ValueError(f"threat must be one of {', '.join(THREATS)}, got {threat!r}")
     for name, value in (("iterations", iterations), ("unroll", unroll), ("episodes", episodes),
-                        ("batch_size", batch_size), ("num_pairs", num_pairs)):
+                        ("batch_size", batch_size), ("num_pairs", num_pairs),
+                        ("validate_every", validate_every)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if iterations % unroll:
@@ -308,21 +325,44 @@ def meta_train(
     trained = [learned.update_rnn, learned.update_out] if stage == "update" else \
         [learned.query_rnn, learned.query_out]
     params = [p for m in trained for p in m.parameters()]
-    own_grad = [p.requires_grad for p in learned.parameters()]
-    for p in learned.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    model_grad = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    was_training = model.training
-    model.eval()
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
     optimizer = torch.optim.Adam(params, lr=lr)
     dims = x[0].numel()
     unit = coordinate_scale(eps, threat, dims)
     history: list[dict[str, float]] = []
+
+    def validate() -> float:
+        result = run_attack(model, validation[0], validation[1], eps=eps, threat=threat,
+                            optimizer=LEARNED, max_queries=1 + iterations * (2 * num_pairs + 1),
+                            num_pairs=num_pairs, sigma=sigma, kappa=kappa, seed=seed,
+                            learned=learned)
+        return mean_loss_at_step(result, iterations)
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in params]
+
+    # from here on everything changed is put back by the ``finally`` (or kept on success)
+    own_grad = [p.requires_grad for p in learned.parameters()]
+    model_grad = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    added = stage not in learned.trained_stages
+    best = None
     try:
+        for p in learned.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        if added:  # from now on attacks (the validation's) run with this stage's RNN
+            learned.trained_stages.append(stage)
+        if validation is not None:
+            best = (validate(), 0, snapshot())
+            history.append({"episode": 0, "stage": stage, "validation_loss": best[0]})
+            if log is not None:
+                log(f"{stage}: validation loss before training {best[0]:.4f}")
         for episode in range(episodes):
             start = time.perf_counter()
             draw = (STAGES.index(stage) + 1) * 1_000_000 + episode  # each stage its own draws
@@ -359,24 +399,41 @@ def meta_train(
                 delta, state = delta.detach(), state.detached()
             with torch.no_grad():
                 final = float(losses(delta, rows).mean())
-            history.append({"episode": episode, "stage": stage,
+            history.append({"episode": episode + 1, "stage": stage,
                             "meta_loss": sum(unroll_losses) / len(unroll_losses),
                             "final_loss": final, "seconds": time.perf_counter() - start})
-            if log is not None:
-                h = history[-1]
-                log(f"{stage} episode {episode + 1}/{episodes}: meta-loss {h['meta_loss']:.4f}, "
+            h = history[-1]
+            line = (f"{stage} episode {episode + 1}/{episodes}: meta-loss {h['meta_loss']:.4f}, "
                     f"attack loss after {iterations} steps {final:.4f} ({h['seconds']:.1f} s)")
+            if best is not None and ((episode + 1) % validate_every == 0 or episode + 1 == episodes):
+                h["validation_loss"] = validate()
+                line += f"; validation loss {h['validation_loss']:.4f}"
+                if h["validation_loss"] < best[0]:
+                    best = (h["validation_loss"], episode + 1, snapshot())
+            if log is not None:
+                log(line)
+    except BaseException:
+        if added and stage in learned.trained_stages:
+            learned.trained_stages.remove(stage)
+        raise
     finally:
         for p, flag in zip(model.parameters(), model_grad):
             p.requires_grad_(flag)
         model.train(was_training)
         for p, flag in zip(learned.parameters(), own_grad):
             p.requires_grad_(flag)
-    if stage not in learned.trained_stages:
-        learned.trained_stages.append(stage)
     stages = dict(learned.settings.get("stages", {}))
     stages[stage] = {"eps": eps, "num_pairs": num_pairs, "sigma": sigma, "kappa": kappa,
                      "iterations": iterations, "unroll": unroll, "episodes": episodes,
                      "batch_size": batch_size, "lr": lr, "seed": seed}
+    if best is not None:
+        with torch.no_grad():
+            for p, kept in zip(params, best[2]):
+                p.copy_(kept)
+        stages[stage].update(kept_episode=best[1], validation_loss=best[0],
+                             validation_images=len(validation[0]))
+        if log is not None:
+            log(f"{stage}: kept the parameters after episode {best[1]} (validation loss "
+                f"{best[0]:.4f})")
     learned.settings = {**learned.settings, "threat": threat, "stages": stages}
     return history
