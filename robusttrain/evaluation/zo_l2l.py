@@ -31,13 +31,13 @@ minimizes the mean attack loss along the trajectory, in truncated unrolls (``unr
 the state carried over and cut from the graph between them), in the paper's two stages: first
 the UpdateRNN with standard normal directions, then the QueryRNN with the UpdateRNN frozen; with
 held-out validation images each stage keeps the parameters that attack them best (measured before
-training too, so a QueryRNN that does not help stays at s = 1). As in
-the reference implementation's default, the meta-gradient is *first order*: the loss at δ_{t+1}
-is differentiated through the model (white box at meta-training time, never at attack time), ĝ is
-treated as an input of the UpdateRNN (its dependence on δ dropped, as Andrychowicz et al. drop
-second derivatives), and in the QueryRNN stage the gradient flows into s through the directions
-u_i = s ⊙ g_i of the queries. At attack time the optimizer sees outputs only, and every query is
-counted like the hand-designed optimizers' queries.
+training too, so a QueryRNN that does not help stays at s = 1). As in the reference
+implementation's default, the meta-gradient is *first order*: the loss at δ_{t+1} is differentiated
+through the model (white box at meta-training time, never at attack time) and back along
+δ_{t+1} = Π(δ_t + unit·Δ_t); ĝ and δ/unit are treated as inputs of the UpdateRNN (their dependence
+on δ dropped, as Andrychowicz et al. drop second derivatives), and in the QueryRNN stage the
+gradient flows into s through the directions u_i = s ⊙ g_i of the queries. At attack time the
+optimizer sees outputs only, and every query is counted like the hand-designed optimizers' queries.
 """
 
 from __future__ import annotations
