@@ -106,14 +106,14 @@ def _run(args: argparse.Namespace) -> int:
     if unknown or not optimizers:
         raise UsageError(f"--optimizers: unknown {unknown}; choose from {', '.join(OPTIMIZERS)}")
     rates = _learning_rates(args.lr, args.threat)
-    learned = {}
+    learned, files = {}, {}
     for item in args.learned:
         name, _, path = item.partition("=")
         if not name or not path:
             raise UsageError(f"--learned {item!r}: expected NAME=PATH")
         if name in OPTIMIZERS or name in learned:
             raise UsageError(f"--learned name {name!r} is taken; choose another")
-        learned[name] = load_learned(path)[0]
+        learned[name], files[name] = load_learned(path)[0], path
         if learned[name].settings.get("threat") not in (None, args.threat):
             raise UsageError(f"--learned {path} was meta-trained for the "
                              f"{learned[name].settings['threat']} threat; this attack is "
@@ -155,9 +155,8 @@ def _run(args: argparse.Namespace) -> int:
             summary[name][optimizer] = {
                 **summarize_attack(result), "budgets": budgets,
                 "success_at_budget": success_curve(result, budgets),
-                **({"learned": rule.describe(), "file": dict(i.split("=", 1) for i in
-                                                             args.learned)[optimizer]}
-                   if rule else {"lr": rates[optimizer]})}
+                **({"learned": rule.describe(), "file": files[optimizer]} if rule
+                   else {"lr": rates[optimizer]})}
             per_step = 1 if optimizer == "pgd" else 2 * args.num_pairs + 1
             traces[name, optimizer] = (per_step, result.loss_trace.mean(dim=1))
             for i in range(len(y)):
@@ -183,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
     write_atomic(out / "attack.csv", buf.getvalue().encode())
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("ckpt", "name", "out", "learned")}
-    settings["learned"] = dict(i.split("=", 1) for i in args.learned)
+    settings["learned"] = files
     settings.update(checkpoints=dict(zip(names, args.ckpt)), dataset=dm.spec.name,
                     queries_counted="every image sent to the model; pgd: forward-backward passes")
     write_atomic(out / "attack.json", (json.dumps({"settings": settings, "models": summary},
