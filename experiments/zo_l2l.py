@@ -36,6 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from robusttrain.evaluation.statistics import level_statistics
 from robusttrain.files import write_atomic
 
 RESULTS = Path("experiments/results")
@@ -74,6 +75,12 @@ def _tuned_rates(ckpt: Path, eps: float, out: Path) -> dict[str, float]:
     return rates
 
 
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample std / √n)."""
+    stats = level_statistics(values)
+    return stats["mean"], stats["std"] / math.sqrt(stats["n"])
+
+
 def _summary(out: Path, eps: float, rates: dict[str, float]) -> str:
     rows = list(csv.DictReader((out / "attack" / "attack.csv").open()))
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -82,11 +89,6 @@ def _summary(out: Path, eps: float, rates: dict[str, float]) -> str:
     success = {(r["model"], r["optimizer"], int(r["image"])): int(r["success"]) for r in rows}
     images = sorted({int(r["image"]) for r in rows})
     n = len(images)
-
-    def mean_se(values: list[float]) -> tuple[float, float]:
-        m = sum(values) / len(values)
-        var = sum((v - m) ** 2 for v in values) / (len(values) - 1)
-        return m, math.sqrt(var / len(values))
 
     lines = [f"Untargeted L∞ attack, ε = {eps:g}, first {n} test images, {STEPS} steps "
              f"({QUERIES} queries per image, q = {PAIRS} antithetic pairs, σ = 0.001).",
@@ -97,7 +99,7 @@ def _summary(out: Path, eps: float, rates: dict[str, float]) -> str:
     for optimizer in optimizers:
         cells = []
         for m in models:
-            mu, se = mean_se([loss[m, optimizer, i] for i in images])
+            mu, se = _mean_se([loss[m, optimizer, i] for i in images])
             rate = 100 * sum(success[m, optimizer, i] for i in images) / n
             cells.append(f"{mu:.3f} ± {se:.3f} | {rate:.0f}%")
         lr = "learned" if optimizer not in rates else f"{rates[optimizer]:g}"
@@ -107,7 +109,7 @@ def _summary(out: Path, eps: float, rates: dict[str, float]) -> str:
     for learned in (o for o in optimizers if o not in rates):
         cells = []
         for m in models:
-            mu, se = mean_se([loss[m, learned, i] - loss[m, "zo_adam", i] for i in images])
+            mu, se = _mean_se([loss[m, learned, i] - loss[m, "zo_adam", i] for i in images])
             cells.append(f"{m} {mu:+.3f} ± {se:.3f}")
         lines.append(f"- {learned}: " + "; ".join(cells))
     return "\n".join(lines) + "\n"
@@ -138,9 +140,8 @@ def _meta_seeds(seeds: list[int], common: list[str], sgd: Path, eps: float,
     for seed in seeds:
         mine = {r["image"]: float(r["loss_step200"]) for r in rows
                 if r["optimizer"] == f"zo_l2l_seed{seed}"}
-        diff = [mine[i] - adam[i] for i in adam]
-        m, d = (sum(mine.values()) / len(mine)), sum(diff) / len(diff)
-        se = math.sqrt(sum((v - d) ** 2 for v in diff) / (len(diff) - 1) / len(diff))
+        m, _ = _mean_se(list(mine.values()))
+        d, se = _mean_se([mine[i] - adam[i] for i in adam])
         lines.append(f"- meta-training seed {seed}: loss {m:.3f}, minus ZO-Adam {d:+.3f} ± {se:.3f}")
     return "\n".join(lines) + "\n"
 
