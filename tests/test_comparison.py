@@ -176,7 +176,7 @@ def test_v2_comparison_config_runs_every_method_on_a_slice_of_real_cifar(tmp_pat
     path.write_text(yaml.safe_dump(raw))
     report = run_comparison(load_config(path), tmp_path / "out").read_text()
     for label in ("sgd_momentum", "sgd_weight_decay", "noise_injection", "zo_lowrank",
-                  "zo_gaussian"):
+                  "zo_gaussian", "sgd_matched"):
         assert f"| {label} |" in report
     assert "η=0.1 (relative)" in report and "matched clean accuracy" in report.lower()
     for noise in ("relative", "multiplicative"):
