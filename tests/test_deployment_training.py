@@ -25,7 +25,9 @@ from robusttrain.training import (
     QuantizationAwareClassifier,
     ZerothOrderClassifier,
 )
-from robusttrain.training.modules import _EVAL_CHIP, _deployment_seeds, _step_seed
+from robusttrain.training.base import EVAL_CHIP as _EVAL_CHIP
+from robusttrain.training.base import deployment_seeds as _deployment_seeds
+from robusttrain.training.base import step_seed as _step_seed
 from robusttrain.zo.estimators import estimate_smoothed_grad
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -20,8 +20,9 @@ LAYERS = ["files", "data", "models", "noise", "zo", "training", "evaluation", "c
 MODULE_ORDER = {
     "data": ["formats", "sources", "datamodules"],
     "noise": ["seeds", "weight", "deployment"],
-    "zo": ["perturbations", "estimators", "population", "parallel"],
-    "training": ["checkpoints", "modules", "lightning_cli"],
+    "zo": ["perturbations", "coefficients", "arguments", "estimators", "population", "parallel"],
+    "training": ["checkpoints", "base", "backprop", "zeroth_order", "noise_injection",
+                 "quantization_aware", "modules", "predict", "lightning_cli"],
     "evaluation": ["statistics", "robustness", "report", "deployment", "attack", "zo_l2l"],
     "comparison": ["config", "report", "runner", "deployment"],
     "commands": ["errors", "robustness", "compare", "attack", "meta_train", "main"],

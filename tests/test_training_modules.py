@@ -17,7 +17,7 @@ from robusttrain.training import (
     frozen_stochastic_layers,
     load_checkpoint,
 )
-from robusttrain.training.modules import _step_seed
+from robusttrain.training.base import step_seed as _step_seed
 
 
 def test_backprop_classifier_learns_blobs(tmp_path):

@@ -1,15 +1,21 @@
 """Training: the LightningModules, their checkpoints, and the LightningCLI that builds a run.
 
-* :mod:`robusttrain.training.modules` — :class:`Classifier` (backprop), :class:`ZerothOrderClassifier`
-  (forward passes only), :class:`NoiseInjectionClassifier` (backprop on the smoothed loss) and
-  :class:`QuantizationAwareClassifier` (backprop through a deployment, straight-through); in
-  configs ``robusttrain.training.Classifier`` and so on.
+* One module per trainer: :mod:`~robusttrain.training.backprop` — :class:`Classifier` (backprop,
+  and the base every trainer derives from); :mod:`~robusttrain.training.zeroth_order` —
+  :class:`ZerothOrderClassifier` (forward passes only); :mod:`~robusttrain.training.noise_injection`
+  — :class:`NoiseInjectionClassifier` (backprop on the smoothed loss);
+  :mod:`~robusttrain.training.quantization_aware` — :class:`QuantizationAwareClassifier` (backprop
+  through a deployment, straight-through). :mod:`~robusttrain.training.base` holds what they share
+  (seeds, ``init_from``, frozen BatchNorm/dropout). In configs: ``robusttrain.training.Classifier``
+  and so on (``robusttrain.training.modules.<Class>``, the former path, still imports).
 * :mod:`robusttrain.training.checkpoints` — :func:`load_checkpoint`: the trained backbone and its
   data settings from a checkpoint, without executing code from it.
 * :mod:`robusttrain.training.lightning_cli` — :class:`RobustTrainCLI` and :func:`make_cli`, the
   LightningCLI of ``robusttrain fit|validate|test|predict``, also used to train comparison runs.
 """
 
+from robusttrain.training.backprop import Classifier
+from robusttrain.training.base import frozen_stochastic_layers
 from robusttrain.training.checkpoints import (
     CHECKPOINT_FORMAT,
     BestAndLastCheckpoint,
@@ -18,13 +24,9 @@ from robusttrain.training.checkpoints import (
     load_checkpoint,
 )
 from robusttrain.training.lightning_cli import RobustTrainCLI, make_cli
-from robusttrain.training.modules import (
-    Classifier,
-    NoiseInjectionClassifier,
-    QuantizationAwareClassifier,
-    ZerothOrderClassifier,
-    frozen_stochastic_layers,
-)
+from robusttrain.training.noise_injection import NoiseInjectionClassifier
+from robusttrain.training.quantization_aware import QuantizationAwareClassifier
+from robusttrain.training.zeroth_order import ZerothOrderClassifier
 
 __all__ = [
     "CHECKPOINT_FORMAT",

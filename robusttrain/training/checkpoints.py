@@ -4,7 +4,7 @@
 ``last.ckpt``, always the latest state. The rest of this module reads them for evaluation, without
 executing code from them.
 
-Every LightningModule of :mod:`robusttrain.training.modules` writes a ``robusttrain`` entry into
+Every trainer of :mod:`robusttrain.training` writes a ``robusttrain`` entry into
 its checkpoints: the format number (:data:`CHECKPOINT_FORMAT`), the training method, the
 backbone's class path and arguments (a class of :mod:`robusttrain.models`) and the method's
 settings. :func:`load_checkpoint` rebuilds the trained backbone from it and the ``state_dict``, and

@@ -20,8 +20,8 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from robusttrain.data import ImageDataModule
+from robusttrain.training.backprop import Classifier
 from robusttrain.training.checkpoints import BestAndLastCheckpoint, CheckpointError
-from robusttrain.training.modules import Classifier
 
 __all__ = ["RUNS_DIR", "RobustTrainCLI", "make_cli"]
 

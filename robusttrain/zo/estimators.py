@@ -26,16 +26,26 @@ path (``robusttrain.zo.population``) shares. See docs/theory.md for the derivati
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from robusttrain.noise.seeds import pair_seed
+from robusttrain.zo.arguments import check_estimator_args, flat_sigmas, loss_value, per_tensor
+from robusttrain.zo.coefficients import (
+    ESTIMATORS,
+    FITNESS_SHAPINGS,
+    NonFiniteLossError,
+    SmoothedGradEstimate,
+    centered_ranks,
+    coefficients_of_checked,
+    fitness_shaping_name,
+    pair_coefficients,
+    zscores,
+)
 from robusttrain.zo.perturbations import Perturbation
 
+# the coefficients and result types live in robusttrain.zo.coefficients; importable from here too
 __all__ = [
     "ESTIMATORS",
     "FITNESS_SHAPINGS",
@@ -48,373 +58,6 @@ __all__ = [
     "smoothed_loss_grad",
     "zscores",
 ]
-
-ESTIMATORS = ("antithetic", "one_sided", "plain")
-FITNESS_SHAPINGS = ("none", "centered_ranks", "zscore")
-
-
-def fitness_shaping_name(value: bool | str) -> str:
-    """The canonical name of a ``fitness_shaping`` setting.
-
-    ``False``/``"none"``: raw losses; ``True``/``"centered_ranks"``: centered ranks (OpenAI ES);
-    ``"zscore"``: losses minus their mean, divided by their standard deviation (EGGROLL).
-    """
-    if value is False or value == "none":
-        return "none"
-    if value is True or value == "centered_ranks":
-        return "centered_ranks"
-    if value == "zscore":
-        return "zscore"
-    raise ValueError(
-        f"fitness_shaping must be one of {', '.join(FITNESS_SHAPINGS)} (or a bool), got {value!r}"
-    )
-
-
-def zscores(values: torch.Tensor) -> torch.Tensor:
-    """(values − mean) / std over all entries (population std); zeros when all are equal."""
-    flat = values.double()
-    centered = flat - flat.mean()
-    std = centered.pow(2).mean().sqrt()
-    if float(std) == 0.0:
-        return torch.zeros_like(flat).to(values.dtype)
-    return (centered / std).to(values.dtype)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A perturbed (or clean) loss was NaN or infinite; the parameters were left untouched.
-
-    Args:
-        message: what happened and what to try.
-        pair: index of the noise direction whose loss was not finite (``None``: the clean loss).
-        sign: ``"+"`` or ``"-"``, the side of the pair (``None`` for the clean loss).
-        value: the offending loss value.
-    """
-
-    def __init__(
-        self, message: str, *, pair: int | None = None, sign: str | None = None,
-        value: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.pair = pair
-        self.sign = sign
-        self.value = value
-
-
-@dataclass
-class SmoothedGradEstimate:
-    """An estimate of ∇L_σ with the losses it was made from.
-
-    Attributes:
-        grads: one tensor per parameter, same shape and dtype.
-        losses_plus: L(θ + σ z_i), shape (N,), float64 on the CPU.
-        losses_minus: L(θ − σ z_i), shape (N,), for the antithetic estimator; else ``None``.
-        baseline: L(θ) for the one-sided estimator; else ``None``.
-        num_forward: calls of the loss function made (perturbed members plus baseline).
-        forward_equivalents: the examples those calls processed, in units of the whole batch
-            (equal to ``num_forward`` unless pairs saw only part of the batch).
-    """
-
-    grads: list[torch.Tensor]
-    losses_plus: torch.Tensor
-    losses_minus: torch.Tensor | None
-    baseline: float | None
-    num_forward: int
-    forward_equivalents: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.forward_equivalents is None:
-            self.forward_equivalents = float(self.num_forward)
-
-    @property
-    def mean_abs_diff(self) -> float:
-        """Mean |L(θ+σz) − L(θ−σz)| (antithetic) or |L(θ+σz) − L(θ)| (one-sided); else NaN."""
-        if self.losses_minus is not None:
-            return float((self.losses_plus - self.losses_minus).abs().mean())
-        if self.baseline is not None:
-            return float((self.losses_plus - self.baseline).abs().mean())
-        return float("nan")
-
-
-def centered_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks of ``values`` mapped linearly onto [−0.5, 0.5] (ties broken by position).
-
-    With n values and rank r ∈ {0, …, n−1} (0 for the smallest), the centered rank is
-    r/(n − 1) − 1/2; a single value gets 0.
-
-    Args:
-        values: a tensor of any shape; ranked over all its entries.
-
-    Returns:
-        The centered ranks, same shape and dtype as ``values``.
-    """
-    flat = values.flatten()
-    ranks = torch.empty_like(flat)
-    ranks[flat.argsort(stable=True)] = torch.arange(
-        flat.numel(), dtype=flat.dtype, device=flat.device
-    )
-    if flat.numel() > 1:
-        ranks = ranks / (flat.numel() - 1) - 0.5
-    else:
-        ranks = ranks * 0.0
-    return ranks.view_as(values)
-
-
-def pair_coefficients(
-    losses_plus: torch.Tensor,
-    losses_minus: torch.Tensor | None = None,
-    *,
-    sigma: float,
-    estimator: str = "antithetic",
-    baseline: float | None = None,
-    fitness_shaping: bool | str = False,
-) -> torch.Tensor:
-    """Weights c_i of the noise directions: the estimate is ĝ = Σ_i c_i z_i.
-
-    With N = ``losses_plus.numel()``:
-
-    * antithetic: c_i = (L(θ+σz_i) − L(θ−σz_i)) / (2σN)
-    * one_sided:  c_i = (L(θ+σz_i) − L(θ)) / (σN)
-    * plain:      c_i = L(θ+σz_i) / (σN)
-
-    With ``fitness_shaping`` the losses are first transformed jointly over every loss evaluated:
-    ``"centered_ranks"`` (or ``True``) replaces them by their centered ranks in [−0.5, 0.5] (OpenAI
-    ES) — the result estimates the gradient of a rank-transformed objective, not ∇L_σ: biased, but
-    insensitive to the loss scale and to outliers; ``"zscore"`` subtracts their mean and divides
-    by their standard deviation s (EGGROLL) — the mean cancels in every difference, so the result
-    is ∇L_σ/s up to the dependence of s on the draws: a step size that adapts to the spread of
-    the losses, which changes the objective's scale from step to step.
-    The in-place loop and the batched population path both take their c_i from here.
-
-    Args:
-        losses_plus: L(θ + σz_i), shape (N,).
-        losses_minus: L(θ − σz_i), shape (N,); required by (and only used by) ``"antithetic"``.
-        sigma: the smoothing scale σ > 0 the losses were evaluated with.
-        estimator: ``"antithetic"``, ``"one_sided"`` or ``"plain"``.
-        baseline: the clean loss L(θ); required by ``"one_sided"``, ignored by the others.
-        fitness_shaping: ``False``/``"none"`` (default), ``True``/``"centered_ranks"`` or
-            ``"zscore"``.
-
-    Returns:
-        c, shape (N,), float64, on the device of ``losses_plus``.
-
-    Raises:
-        ValueError: a missing or misshapen input, or a bad ``sigma`` / ``estimator``.
-        NonFiniteLossError: a loss is NaN or infinite.
-    """
-    _check_estimator(estimator)
-    _check_sigma(sigma)
-    if losses_plus.dim() != 1 or losses_plus.numel() == 0:
-        raise ValueError(
-            f"losses_plus must be a non-empty 1-D tensor (one loss per pair), got shape "
-            f"{tuple(losses_plus.shape)}"
-        )
-    plus = losses_plus.double()
-    _check_finite_losses(plus, "+")
-    minus = None
-    if estimator == "antithetic":
-        if losses_minus is None:
-            raise ValueError("the antithetic estimator needs losses_minus, the losses at θ − σz_i")
-        if losses_minus.shape != losses_plus.shape:
-            raise ValueError(
-                f"losses_minus has shape {tuple(losses_minus.shape)} but losses_plus has "
-                f"{tuple(losses_plus.shape)}; pass one loss per pair in each"
-            )
-        minus = losses_minus.double().to(plus.device)
-        _check_finite_losses(minus, "-")
-    elif losses_minus is not None:
-        raise ValueError(
-            f"losses_minus is only used by the antithetic estimator, not {estimator!r}; pass "
-            "losses_minus=None or estimator='antithetic'"
-        )
-    if estimator == "one_sided":
-        if baseline is None:
-            raise ValueError("the one_sided estimator needs the baseline loss L(θ)")
-        if not math.isfinite(float(baseline)):
-            raise NonFiniteLossError(
-                f"the baseline loss L(θ) is {float(baseline)}; lower the learning rate, or check "
-                "the inputs for NaN", value=float(baseline),
-            )
-    return _coefficients(
-        plus, minus, float(sigma), estimator, baseline, fitness_shaping_name(fitness_shaping)
-    )
-
-
-def _shape(values: torch.Tensor, shaping: str) -> torch.Tensor:
-    if shaping == "centered_ranks":
-        return centered_ranks(values)
-    if shaping == "zscore":
-        return zscores(values)
-    return values
-
-
-def _coefficients(
-    plus: torch.Tensor, minus: torch.Tensor | None, sigma: float, estimator: str,
-    baseline: float | None, fitness_shaping: bool | str,
-) -> torch.Tensor:
-    """:func:`pair_coefficients` on checked float64 losses; the estimator loop calls it per pair."""
-    shaping = fitness_shaping_name(fitness_shaping)
-    n = plus.numel()
-    if estimator == "antithetic":
-        if shaping != "none":
-            # jointly over all 2N losses, so a pair's difference keeps its sign and relative size
-            shaped = _shape(torch.cat([plus, minus]), shaping)
-            plus, minus = shaped[:n], shaped[n:]
-        return (plus - minus) / (2 * sigma * n)
-    if estimator == "one_sided":
-        base = torch.tensor([float(baseline)], dtype=torch.float64, device=plus.device)
-        if shaping != "none":
-            shaped = _shape(torch.cat([plus, base]), shaping)
-            plus, base = shaped[:n], shaped[n:]
-        return (plus - base) / (sigma * n)
-    return _shape(plus, shaping) / (sigma * n)
-
-
-def _check_finite_losses(losses: torch.Tensor, sign: str) -> None:
-    bad = (~torch.isfinite(losses)).nonzero()
-    if bad.numel():
-        pair = int(bad[0])
-        value = float(losses[pair])
-        raise NonFiniteLossError(
-            f"the loss is {value} at pair {pair}, {sign}sigma; lower the learning rate or sigma, "
-            "or check the inputs for NaN", pair=pair, sign=sign, value=value,
-        )
-
-
-def _check_estimator(estimator: str) -> None:
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-
-
-def _check_sigma(sigma: float) -> None:
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (
-        math.isfinite(sigma) and sigma > 0
-    ):
-        raise ValueError(
-            f"sigma must be a positive finite number (the smoothing scale, e.g. 0.01), "
-            f"got {sigma!r}"
-        )
-
-
-def _check_args(
-    params: list[torch.Tensor], sigma: float | Sequence[float | torch.Tensor], num_pairs: int,
-    seed: int, estimator: str,
-) -> None:
-    _check_estimator(estimator)
-    if not _per_tensor(sigma):
-        _check_sigma(sigma)
-    if isinstance(num_pairs, bool) or not isinstance(num_pairs, numbers.Integral) or num_pairs < 1:
-        raise ValueError(f"num_pairs must be an integer >= 1, got {num_pairs!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    if len(params) == 0:
-        raise ValueError(
-            "params is empty: pass the tensors to perturb, e.g. list(model.parameters())"
-        )
-    seen: dict[int, int] = {}
-    for index, p in enumerate(params):
-        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-            what = type(p).__name__ if not isinstance(p, torch.Tensor) else f"a {p.dtype} tensor"
-            raise ValueError(
-                f"params[{index}] is {what}; every entry must be a floating-point tensor"
-            )
-        if id(p) in seen:
-            raise ValueError(
-                f"params[{seen[id(p)]}] and params[{index}] are the same tensor; pass each "
-                "tensor once (model.parameters() already does)"
-            )
-        seen[id(p)] = index
-    devices = {p.device for p in params}
-    if len(devices) > 1:
-        raise ValueError(
-            f"params live on several devices {sorted(map(str, devices))}; move them to one "
-            "(model.to(device))"
-        )
-    if _per_tensor(sigma):
-        _check_sigmas(params, sigma)
-
-
-def _per_tensor(sigma: object) -> bool:
-    """Whether ``sigma`` gives one smoothing scale per tensor (a sequence) rather than one number."""
-    return isinstance(sigma, (list, tuple))
-
-
-def _check_sigmas(params: list[torch.Tensor], sigmas: Sequence[float | torch.Tensor]) -> None:
-    if len(sigmas) != len(params):
-        raise ValueError(
-            f"sigma has {len(sigmas)} entries but there are {len(params)} tensors to perturb; "
-            "give one scale per tensor (robusttrain.noise.smoothing_sigmas makes them)"
-        )
-    for index, (p, s) in enumerate(zip(params, sigmas)):
-        if isinstance(s, torch.Tensor):
-            try:
-                torch.broadcast_shapes(s.shape, p.shape)
-            except RuntimeError:
-                ok = False
-            else:
-                ok = s.dim() == 0 or s.shape == p.shape
-            if not ok:
-                raise ValueError(
-                    f"sigma[{index}] has shape {tuple(s.shape)}; it must be a number, a 0-dim "
-                    f"tensor or a tensor of the parameter's shape {tuple(p.shape)}"
-                )
-            if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-                raise ValueError(
-                    f"sigma[{index}] must be positive and finite everywhere (the estimator divides "
-                    "by it)"
-                )
-        else:
-            try:
-                _check_sigma(s)
-            except ValueError as err:
-                raise ValueError(f"sigma[{index}]: {err}") from None
-
-
-def _elementwise_lowrank_error(index: int) -> ValueError:
-    """The refusal of an elementwise scale on a tensor with low-rank directions."""
-    return ValueError(
-        f"sigma[{index}] varies within a tensor that gets low-rank directions: an elementwise "
-        "scale times A Bᵀ is no longer low rank (multiplicative noise cannot be low-rank); use "
-        "perturbation 'gaussian'"
-    )
-
-
-def _flat_sigmas(
-    params: list[torch.Tensor], sigmas: Sequence[float | torch.Tensor], family: Perturbation
-) -> torch.Tensor:
-    """The per-element scales as one flat float32 vector in ``draw_noise``'s layout."""
-    flat = []
-    for index, (p, s) in enumerate(zip(params, sigmas)):
-        if isinstance(s, torch.Tensor) and s.dim() > 0 and family.is_lowrank(p):
-            raise _elementwise_lowrank_error(index)
-        value = s.detach().float() if isinstance(s, torch.Tensor) else torch.tensor(float(s))
-        flat.append(value.to(p.device).expand(p.shape).reshape(-1))
-    return torch.cat(flat)
-
-
-def _loss_value(loss_fn: Callable[[], torch.Tensor | float], pair: int | None, sign: str) -> float:
-    """Call ``loss_fn`` once and return its value as a finite Python float."""
-    value = loss_fn()
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"loss_fn must return a scalar loss, got a tensor of shape {tuple(value.shape)}; "
-                "reduce it, e.g. with .mean()"
-            )
-        value = float(value.detach())
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        value = float(value)
-    else:
-        raise ValueError(
-            f"loss_fn must return a scalar loss (a tensor or a float), got {type(value).__name__}"
-        )
-    if not math.isfinite(value):
-        where = "the clean parameters" if pair is None else f"pair {pair}, {sign}sigma"
-        raise NonFiniteLossError(
-            f"the loss is {value} at {where}; the parameters were restored. Lower the learning "
-            "rate or sigma, or check the inputs for NaN",
-            pair=pair, sign=sign or None, value=value,
-        )
-    return value
 
 
 def estimate_smoothed_grad(
@@ -438,7 +81,7 @@ def estimate_smoothed_grad(
         The estimate (``grads``), the losses it was made from and the number of loss calls.
     """
     params = list(params)
-    _check_args(params, sigma, num_pairs, seed, estimator)
+    check_estimator_args(params, sigma, num_pairs, seed, estimator)
     family = Perturbation(perturbation, rank)
     shaping = fitness_shaping_name(fitness_shaping)
     device = params[0].device
@@ -446,7 +89,7 @@ def estimate_smoothed_grad(
     total = sum(sizes)
     # one scale per element: the pairs move θ ± σ⊙z and the estimate divides elementwise by σ, so
     # the coefficients are those of σ = 1 (docs/theory.md, §11)
-    sigma_flat = _flat_sigmas(params, sigma, family) if _per_tensor(sigma) else None
+    sigma_flat = flat_sigmas(params, sigma, family) if per_tensor(sigma) else None
     num_pairs, seed = int(num_pairs), int(seed)
     sigma = 1.0 if sigma_flat is not None else float(sigma)
     # memory beyond the forward pass: the clean copy, one noise buffer and the accumulator
@@ -481,8 +124,8 @@ def estimate_smoothed_grad(
 
     def loss_at(i: int | None, sign: str) -> float:
         if not pair_loss:
-            return _loss_value(loss_fn, i, sign)
-        return _loss_value(lambda: loss_fn(i), i, sign)
+            return loss_value(loss_fn, i, sign)
+        return loss_value(lambda: loss_fn(i), i, sign)
 
     try:
         with torch.no_grad():
@@ -507,7 +150,7 @@ def estimate_smoothed_grad(
                     num_forward += 1
                 if shaping == "none":
                     # c_i needs only this pair's losses: accumulate while z_i is at hand
-                    c_i = _coefficients(
+                    c_i = coefficients_of_checked(
                         plus[i : i + 1], None if minus is None else minus[i : i + 1],
                         sigma, estimator, baseline, "none",
                     )
@@ -601,6 +244,7 @@ def smoothed_loss_grad(
         standard deviation of at most √(Σ_j sin² θ_j + sin² θ_i)/√N ≈ 1.6/√N = 0.023 here, so
         0.1 is four standard deviations:
 
+        >>> import math
         >>> theta = torch.tensor([0.3, -1.2, 2.0])
         >>> def loss():
         ...     return torch.cos(theta).sum()

@@ -26,14 +26,8 @@ import torch
 from torch import nn
 
 from robusttrain.noise.seeds import pair_seed
-from robusttrain.zo.estimators import (
-    NonFiniteLossError,
-    _check_args,
-    _flat_sigmas,
-    _loss_value,
-    _per_tensor,
-    pair_coefficients,
-)
+from robusttrain.zo.arguments import check_estimator_args, flat_sigmas, loss_value, per_tensor
+from robusttrain.zo.coefficients import NonFiniteLossError, pair_coefficients
 from robusttrain.zo.perturbations import Perturbation
 from robusttrain.zo.population import (
     _ROWS_PER_CHUNK,
@@ -72,7 +66,7 @@ def pair_share(num_pairs: int, world_size: int, rank: int) -> tuple[int, int]:
 
 def _scale(sigma: float | Sequence[float | torch.Tensor]) -> float:
     """The σ of the coefficients: σ itself, or 1 when the scales go into the directions."""
-    return 1.0 if _per_tensor(sigma) else float(sigma)
+    return 1.0 if per_tensor(sigma) else float(sigma)
 
 
 def loop_pair_losses(
@@ -99,10 +93,10 @@ def loop_pair_losses(
         (stop − start, 2) float64: column 0 the losses at θ + σz_i, column 1 at θ − σz_i.
     """
     params = list(params)
-    _check_args(params, sigma, num_pairs, seed, "antithetic")
+    check_estimator_args(params, sigma, num_pairs, seed, "antithetic")
     family = Perturbation(perturbation, rank)
     sizes = [p.numel() for p in params]
-    flat_sigma = _flat_sigmas(params, sigma, family) if _per_tensor(sigma) else None
+    flat_sigma = flat_sigmas(params, sigma, family) if per_tensor(sigma) else None
     scale = _scale(sigma)
     clean = [p.detach().clone() for p in params]
     noise = torch.empty(sum(sizes), device=params[0].device, dtype=torch.float32)
@@ -126,7 +120,7 @@ def loop_pair_losses(
                     torch._foreach_add_(params, step_views, alpha=sign * scale)
                     call = (lambda pair=i: loss_fn(pair)) if pair_loss else loss_fn
                     try:
-                        losses[row, column] = _loss_value(call, i, "+" if sign > 0 else "-")
+                        losses[row, column] = loss_value(call, i, "+" if sign > 0 else "-")
                     except NonFiniteLossError as err:
                         # kept, not raised: every process must reach the exchange, and then
                         # every process raises on the same losses (rebuild_estimate)
@@ -157,10 +151,10 @@ def engine_pair_losses(
     single-process split step. Returns (stop − start, 2) float64 losses.
     """
     params = _trainable(model)
-    _check_args(params, sigma, num_pairs, seed, "antithetic")
+    check_estimator_args(params, sigma, num_pairs, seed, "antithetic")
     family = Perturbation(perturbation, rank)
     _require_supported(model, family)
-    sigmas = list(sigma) if _per_tensor(sigma) else None
+    sigmas = list(sigma) if per_tensor(sigma) else None
     rows = split_rows(x.shape[0], num_pairs, x.device) if batch_mode == "split" else None
     per_pair = 2 * (x.shape[0] if rows is None else rows.shape[1])
     chunk = max(1, _ROWS_PER_CHUNK // per_pair) if rows is None else max(1, stop - start)
@@ -229,7 +223,7 @@ def rebuild_estimate(
 ) -> list[torch.Tensor]:
     """ĝ = Σ_i c_i z_i (÷ σ elementwise for per-tensor scales) from all N pairs' losses.
 
-    The coefficients are :func:`~robusttrain.zo.estimators.pair_coefficients` of the antithetic
+    The coefficients are :func:`~robusttrain.zo.coefficients.pair_coefficients` of the antithetic
     estimator; the directions are regenerated from ``seed`` in blocks of pairs. The result is the
     estimate of :func:`~robusttrain.zo.estimators.estimate_smoothed_grad` with the same arguments,
     up to float rounding (it sums in another order).
@@ -245,7 +239,7 @@ def rebuild_estimate(
     params = list(params)
     num_pairs = losses.shape[0]
     family = Perturbation(perturbation, rank)
-    flat_sigma = _flat_sigmas(params, sigma, family) if _per_tensor(sigma) else None
+    flat_sigma = flat_sigmas(params, sigma, family) if per_tensor(sigma) else None
     c = pair_coefficients(losses[:, 0], losses[:, 1], sigma=_scale(sigma),
                           estimator="antithetic", fitness_shaping=fitness_shaping)
     grads = [torch.zeros(p.shape, device=p.device, dtype=torch.float32) for p in params]

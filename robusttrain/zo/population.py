@@ -45,12 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robusttrain.zo.estimators import (
+from robusttrain.zo.arguments import check_estimator_args, elementwise_lowrank_error, per_tensor
+from robusttrain.zo.coefficients import (
     NonFiniteLossError,
     SmoothedGradEstimate,
-    _check_args,
-    _elementwise_lowrank_error,
-    _per_tensor,
     fitness_shaping_name,
     pair_coefficients,
 )
@@ -378,8 +376,8 @@ def perturbed_losses(
     """
     family = perturbation or Perturbation()
     _require_supported(model, family)
-    if _per_tensor(sigma):
-        _check_args(_trainable(model), sigma, 1, 0, "antithetic")
+    if per_tensor(sigma):
+        check_estimator_args(_trainable(model), sigma, 1, 0, "antithetic")
         return _member_losses(model, x, y, factors, 1.0, family, antithetic, rows, list(sigma))
     return _member_losses(model, x, y, factors, float(sigma), family, antithetic, rows)
 
@@ -399,7 +397,7 @@ def _scaled(
     """One tensor's directions times its smoothing scale (a number or a tensor of its shape)."""
     if isinstance(part, LowRankFactors):
         if isinstance(scale, torch.Tensor) and scale.dim() > 0:
-            raise _elementwise_lowrank_error(index)
+            raise elementwise_lowrank_error(index)
         return dataclasses.replace(part, scale=part.scale * scale)
     if isinstance(scale, torch.Tensor):
         return part * scale.to(part.dtype)  # (K, *shape) times a 0-dim or (*shape) scale
@@ -478,7 +476,7 @@ def population_smoothed_grad(
     """The estimate of :func:`~robusttrain.zo.estimators.smoothed_loss_grad`, batched.
 
     The loss is the mean cross-entropy of ``model(x)`` against ``y``. Same directions, same
-    coefficients (:func:`~robusttrain.zo.estimators.pair_coefficients`) as the in-place loop; the
+    coefficients (:func:`~robusttrain.zo.coefficients.pair_coefficients`) as the in-place loop; the
     parameters are only read. ``"plain"`` is not batched (use the loop).
 
     Args:
@@ -490,7 +488,7 @@ def population_smoothed_grad(
         num_pairs: N.
         seed: as in the loop.
         estimator: ``"antithetic"`` or ``"one_sided"`` (``shared`` mode only).
-        fitness_shaping: as in :func:`~robusttrain.zo.estimators.pair_coefficients`.
+        fitness_shaping: as in :func:`~robusttrain.zo.coefficients.pair_coefficients`.
         perturbation: ``"gaussian"`` or ``"lowrank"``.
         rank: r of the low-rank family.
         batch_mode: ``"shared"`` (every pair sees the batch) or ``"split"`` (pair i sees its own
@@ -503,7 +501,7 @@ def population_smoothed_grad(
         baseline) and ``forward_equivalents`` the examples they processed, in batches of B.
     """
     params = _trainable(model)
-    _check_args(params, sigma, num_pairs, seed, estimator)
+    check_estimator_args(params, sigma, num_pairs, seed, estimator)
     if estimator not in ("antithetic", "one_sided"):
         raise ValueError(
             f"the batched path supports 'antithetic' and 'one_sided', not {estimator!r}"
@@ -518,7 +516,7 @@ def population_smoothed_grad(
     family = Perturbation(perturbation, rank)
     shaping = fitness_shaping_name(fitness_shaping)
     _require_supported(model, family)
-    sigmas = list(sigma) if _per_tensor(sigma) else None
+    sigmas = list(sigma) if per_tensor(sigma) else None
     num_pairs, seed = int(num_pairs), int(seed)
     sigma = 1.0 if sigmas is not None else float(sigma)  # scales then go into the directions
     antithetic = estimator == "antithetic"
