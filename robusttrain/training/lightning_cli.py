@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from robusttrain.data import ImageDataModule
 from robusttrain.training.backprop import Classifier
@@ -45,6 +45,19 @@ class RobustTrainCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse ``args`` when given, else the command line, without Lightning's warning.
+
+        Lightning warns whenever ``args`` is given while ``sys.argv`` holds arguments too, to catch
+        a script that forgets which one it meant. robusttrain passes ``args`` only on purpose: the
+        comparison builds each run from its own ``fit_config.yaml`` while ``sys.argv`` holds
+        ``compare --config ...``, so the warning would print once per trained run and say nothing.
+        """
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
         # The model's settings come from --config; a checkpoint holds only part of them (its
