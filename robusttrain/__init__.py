@@ -5,4 +5,4 @@ zeroth-order (forward-pass only) gradient estimates, and evaluates any trained m
 perturbations of its parameters.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
