@@ -18,8 +18,10 @@ from robusttrain.training.backprop import Classifier
 from robusttrain.training.base import frozen_stochastic_layers
 from robusttrain.training.checkpoints import (
     CHECKPOINT_FORMAT,
+    AtomicCheckpointIO,
     BestAndLastCheckpoint,
     CheckpointError,
+    CheckpointWriteError,
     LoadedCheckpoint,
     load_checkpoint,
 )
@@ -30,8 +32,10 @@ from robusttrain.training.zeroth_order import ZerothOrderClassifier
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "AtomicCheckpointIO",
     "BestAndLastCheckpoint",
     "CheckpointError",
+    "CheckpointWriteError",
     "Classifier",
     "LoadedCheckpoint",
     "NoiseInjectionClassifier",

@@ -18,22 +18,66 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from robusttrain.files import atomic_file
 from robusttrain.models import build_backbone
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "AtomicCheckpointIO",
     "BestAndLastCheckpoint",
     "CheckpointError",
+    "CheckpointWriteError",
     "LoadedCheckpoint",
     "load_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = 1
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made to write each checkpoint whole (:func:`atomic_file`).
+
+    Lightning 2.6's ``TorchCheckpointIO`` serializes the checkpoint to memory and writes it through
+    an fsspec transaction: a temporary file in the *system* temp folder, moved to the destination
+    with ``shutil.move``. When the runs folder is on another file system than ``/tmp`` that move
+    is a copy into the destination itself, so an interruption leaves a truncated ``last.ckpt``,
+    and nothing is fsynced (``tests/test_atomic_checkpoints.py`` pins that behaviour). Here the
+    checkpoint is streamed into a temporary file in the destination's own folder, fsynced, and
+    renamed over the old one: ``last.ckpt`` is always either the previous checkpoint or the new
+    one. Paths with a protocol (``s3://...``) keep Lightning's own writer.
+
+    Raises:
+        CheckpointWriteError: the write failed (a full disk, a permission); the previous file
+            at that path is intact.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        existed = path.is_file()
+        try:
+            with atomic_file(path) as f:
+                torch.save(checkpoint, f)
+        except OSError as err:
+            if existed:
+                kept = (f"the previous {path.name} is intact; free space or fix the folder's "
+                        f"permissions, then resume with --ckpt_path {path}")
+            else:
+                kept = (f"no {path.name} was written; free space or fix the folder's "
+                        "permissions and start again")
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path}: {err.strerror or err} ({kept})"
+            ) from err
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):
@@ -70,6 +114,16 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         if last_every_n_steps and not self.save_last:
             raise ValueError("last_every_n_steps refreshes last.ckpt: it needs save_last=True")
         self.last_every_n_steps = last_every_n_steps
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Write every checkpoint of the run whole: install :class:`AtomicCheckpointIO`.
+
+        Only Lightning's default writer is replaced; a writer the user configured (async, remote)
+        is kept as it is.
+        """
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
@@ -126,6 +180,10 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
 class CheckpointError(ValueError):
     """A file that cannot be used as a robusttrain checkpoint; the message says why."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written; the file it would have replaced is intact."""
 
 
 @dataclass
