@@ -180,8 +180,11 @@ def test_missing_checkpoint_is_named(tmp_path, monkeypatch, capsys):
 
 def test_diverging_training_says_what_to_lower(tiny_mnist, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    # without the divergence guard's limits (tests/test_divergence.py), the loss's own check
     line = _fails_in_one_line(capsys, ["fit", *_tiny_mnist_args(tiny_mnist),
-                                       "--model.init_args.optimizer.init_args.lr", "1e30"])
+                                       "--model.init_args.optimizer.init_args.lr", "1e30",
+                                       "--divergence.weight_factor", "null",
+                                       "--divergence.loss_factor", "null"])
     assert line.startswith("robusttrain fit: error: training loss became ")
     assert "lower the learning rate" in line
 

@@ -21,10 +21,10 @@ MODULE_ORDER = {
     "data": ["formats", "sources", "datamodules"],
     "noise": ["seeds", "weight", "deployment"],
     "zo": ["perturbations", "coefficients", "arguments", "estimators", "population", "parallel"],
-    "training": ["checkpoints", "base", "backprop", "zeroth_order", "noise_injection",
+    "training": ["checkpoints", "divergence", "base", "backprop", "zeroth_order", "noise_injection",
                  "quantization_aware", "modules", "predict", "lightning_cli"],
     "evaluation": ["statistics", "robustness", "report", "deployment", "attack", "zo_l2l"],
-    "comparison": ["config", "report", "runner", "deployment"],
+    "comparison": ["config", "report", "evaluation_cache", "runner", "deployment"],
     "commands": ["errors", "robustness", "compare", "attack", "meta_train", "main"],
 }
 

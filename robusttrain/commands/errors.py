@@ -5,8 +5,8 @@ or the parameter and the fix, and exit code :data:`USAGE_ERROR`:
 
 * :class:`~robusttrain.data.DatasetError` — a dataset file missing, truncated or corrupt;
 * :class:`~robusttrain.training.CheckpointError` — a checkpoint path that is not a usable file;
-* :class:`~robusttrain.zo.NonFiniteLossError` — training diverged (the message says
-  which setting to lower);
+* :class:`~robusttrain.zo.NonFiniteLossError` and :class:`~robusttrain.training.DivergenceError` —
+  training diverged (the message names the step and the setting to lower);
 * a ``ValueError`` raised by the argument checks in the ``__init__`` of a robusttrain class (a
   training method, backbone or data module that jsonargparse was building from the config), or in
   a robusttrain data module's ``setup``/``prepare_data`` (settings checked against the files).
@@ -24,12 +24,13 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
 
 from robusttrain.data import DatasetError
-from robusttrain.training import CheckpointError
+from robusttrain.training import CheckpointError, DivergenceError
 from robusttrain.zo import NonFiniteLossError
 
 __all__ = ["USAGE_ERROR", "OneLineParser", "UsageError", "one_line_error", "run_in_one_line"]
@@ -45,7 +46,7 @@ class UsageError(ValueError):
 class OneLineParser(argparse.ArgumentParser):
     """``argparse`` that raises :class:`UsageError` (one line) instead of printing usage."""
 
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see --help)")
 
 
@@ -61,7 +62,7 @@ def run_in_one_line(prog: str, parser: argparse.ArgumentParser,
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
-_OWN_ERRORS = (DatasetError, CheckpointError, NonFiniteLossError)
+_OWN_ERRORS = (DatasetError, CheckpointError, NonFiniteLossError, DivergenceError)
 
 
 def one_line_error(err: BaseException) -> str | None:

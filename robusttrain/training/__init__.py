@@ -10,6 +10,7 @@
   and so on (``robusttrain.training.modules.<Class>``, the former path, still imports).
 * :mod:`robusttrain.training.checkpoints` — :func:`load_checkpoint`: the trained backbone and its
   data settings from a checkpoint, without executing code from it.
+* :mod:`robusttrain.training.predict` — :class:`PredictionWriter`, the CSV of ``robusttrain predict``.
 * :mod:`robusttrain.training.lightning_cli` — :class:`RobustTrainCLI` and :func:`make_cli`, the
   LightningCLI of ``robusttrain fit|validate|test|predict``, also used to train comparison runs.
 """
@@ -25,8 +26,10 @@ from robusttrain.training.checkpoints import (
     LoadedCheckpoint,
     load_checkpoint,
 )
+from robusttrain.training.divergence import DivergenceError, DivergenceGuard
 from robusttrain.training.lightning_cli import RobustTrainCLI, make_cli
 from robusttrain.training.noise_injection import NoiseInjectionClassifier
+from robusttrain.training.predict import PredictionWriter
 from robusttrain.training.quantization_aware import QuantizationAwareClassifier
 from robusttrain.training.zeroth_order import ZerothOrderClassifier
 
@@ -37,8 +40,11 @@ __all__ = [
     "CheckpointError",
     "CheckpointWriteError",
     "Classifier",
+    "DivergenceError",
+    "DivergenceGuard",
     "LoadedCheckpoint",
     "NoiseInjectionClassifier",
+    "PredictionWriter",
     "QuantizationAwareClassifier",
     "RobustTrainCLI",
     "ZerothOrderClassifier",
