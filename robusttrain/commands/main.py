@@ -36,7 +36,7 @@ SUBCOMMANDS: dict[str, str] = {
     "fit": "Train a model from a config: robusttrain fit --config configs/x.yaml",
     "validate": "Evaluate a checkpoint (--ckpt_path) on the validation split.",
     "test": "Evaluate a checkpoint (--ckpt_path) on the test split.",
-    "predict": "Lightning's predict loop (robusttrain's data modules define no predict data).",
+    "predict": "Write a checkpoint's predictions (--ckpt_path) on a split to predictions.csv.",
     "robustness": robustness.DESCRIPTION,
     "compare": compare.DESCRIPTION,
     "attack": attack.DESCRIPTION,

@@ -4,7 +4,8 @@
 normalizes them and serves batches gathered with one indexing op (:class:`TensorBatches`), shuffled
 by a function of (seed, epoch) only (:class:`EpochShuffleSampler`) through a loader that can resume
 in the middle of an epoch (:class:`ResumableDataLoader`), with an optional batched crop and flip
-augmentation (:func:`random_crop_flip`) drawn from (seed, epoch, batch). :class:`MNISTDataModule`,
+augmentation (:func:`random_crop_flip`) drawn from (seed, epoch, batch). Its predict loader serves
+one split (``predict_split``) in order, for ``robusttrain predict``. :class:`MNISTDataModule`,
 :class:`FashionMNISTDataModule` and :class:`CIFAR10DataModule` fix its ``dataset``.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -21,7 +22,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from robusttrain.data.sources import DATASETS, dataset_spec, download, load_arrays
 
+if TYPE_CHECKING:
+    from lightning.fabric.utilities.data import AttributeDict
+
 __all__ = [
+    "PREDICT_SPLITS",
     "ImageDataModule",
     "MNISTDataModule",
     "FashionMNISTDataModule",
@@ -135,7 +140,8 @@ class ResumableDataLoader(DataLoader):
             raise ValueError(f"a loader state cannot have {batches} batches yielded")
         self._pending = (epoch, batches)
 
-    def __iter__(self) -> Iterator[Any]:
+    # torch annotates DataLoader.__iter__ with its own private iterator class
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         return _ResumableIterator(self)
 
 
@@ -182,6 +188,10 @@ class _ResumableIterator:
         epoch, batches = self.loader._position
         self.loader._position = (epoch, batches + 1)
         return batch
+
+
+# the splits `predict_split` can name
+PREDICT_SPLITS = ("train", "val", "test")
 
 
 def random_crop_flip(
@@ -258,6 +268,10 @@ class ImageDataModule(LightningDataModule):
         train_subset: keep only the first k images of the shuffled training part (all when k
             exceeds it), for quick runs.
         num_workers: DataLoader workers (the data is already in memory; 0 is usually fastest).
+        predict_split: the split :meth:`predict_dataloader` serves (``robusttrain predict``):
+            ``"train"`` (the training part, after ``val_size`` and ``train_subset``, not shuffled
+            and not augmented), ``"val"`` or ``"test"``; each in the order of ``train_x``,
+            ``val_x``, ``test_x``, in batches of ``eval_batch_size``.
     """
 
     def __init__(
@@ -272,6 +286,7 @@ class ImageDataModule(LightningDataModule):
         augment: bool | None = None,
         train_subset: int | None = None,
         num_workers: int = 0,
+        predict_split: str = "test",
     ) -> None:
         super().__init__()
         spec = dataset_spec(dataset)
@@ -288,13 +303,17 @@ class ImageDataModule(LightningDataModule):
             raise ValueError(f"augment must be true, false or null, got {augment!r}")
         if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
             raise ValueError(f"data_dir must be a path or null, got {data_dir!r}")
+        if predict_split not in PREDICT_SPLITS:
+            raise ValueError(f"predict_split must be one of {', '.join(PREDICT_SPLITS)}, "
+                             f"got {predict_split!r}")
         # Saved explicitly (not from the caller's frame) so that subclasses record `dataset` too:
         # a checkpoint's datamodule hyperparameters rebuild an ImageDataModule as they are.
         self.save_hyperparameters(
             {"dataset": dataset, "data_dir": None if data_dir is None else str(data_dir),
              "batch_size": batch_size, "eval_batch_size": eval_batch_size, "val_size": val_size,
              "split_seed": split_seed, "download": bool(download), "augment": augment,
-             "train_subset": train_subset, "num_workers": num_workers}
+             "train_subset": train_subset, "num_workers": num_workers,
+             "predict_split": predict_split}
         )
         self.spec = spec
         self.num_classes = len(spec.class_names)
@@ -315,8 +334,17 @@ class ImageDataModule(LightningDataModule):
         std = torch.tensor(self.spec.std).view(1, -1, 1, 1)
         return x.sub_(mean).div_(std)
 
+    if TYPE_CHECKING:
+        # Lightning types hparams as AttributeDict | MutableMapping; save_hyperparameters was
+        # given a dict, which it stores as an AttributeDict (attribute access)
+        @property
+        def hparams(self) -> AttributeDict: ...
+
     def setup(self, stage: str | None = None) -> None:
         """Read the files and build the splits (once: later calls reuse the tensors)."""
+        if stage == "predict" and self.hparams.predict_split == "val" and self.hparams.val_size == 0:
+            raise ValueError("predict_split='val' but val_size=0 leaves no validation split; "
+                             "set val_size or predict another split")
         if self._ready:
             return
         arrays = load_arrays(self.hparams.dataset, self.hparams.data_dir)
@@ -374,6 +402,14 @@ class ImageDataModule(LightningDataModule):
         self._check_ready()
         return self._eval_loader(self.test_x, self.test_y)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The ``predict_split`` split in order (the training part too: no shuffle, no augmentation)."""
+        self._check_ready()
+        split = self.hparams.predict_split
+        x, y = {"train": (self.train_x, self.train_y), "val": (self.val_x, self.val_y),
+                "test": (self.test_x, self.test_y)}[split]
+        return self._eval_loader(x, y)
+
     def augment_batch(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The training augmentation: crop with 4 pixels of black padding, random flip."""
         black = [-m / s for m, s in zip(self.spec.mean, self.spec.std)]
@@ -389,7 +425,7 @@ class ImageDataModule(LightningDataModule):
         trainer = self.trainer
         progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None),
                            "batch_progress", None)
-        if progress is None:
+        if trainer is None or progress is None:
             return None
         position = (self.hparams.split_seed, int(trainer.current_epoch),
                     int(progress.current.ready), int(trainer.global_rank))
@@ -416,9 +452,10 @@ class MNISTDataModule(ImageDataModule):
     def __init__(self, data_dir: str | None = None, batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
                  download: bool = False, augment: bool | None = None,
-                 train_subset: int | None = None, num_workers: int = 0) -> None:
+                 train_subset: int | None = None, num_workers: int = 0,
+                 predict_split: str = "test") -> None:
         super().__init__("mnist", data_dir, batch_size, eval_batch_size, val_size, split_seed,
-                         download, augment, train_subset, num_workers)
+                         download, augment, train_subset, num_workers, predict_split)
 
 
 class FashionMNISTDataModule(ImageDataModule):
@@ -431,9 +468,11 @@ class FashionMNISTDataModule(ImageDataModule):
     def __init__(self, data_dir: str | None = None, batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
                  download: bool = False, augment: bool | None = None,
-                 train_subset: int | None = None, num_workers: int = 0) -> None:
+                 train_subset: int | None = None, num_workers: int = 0,
+                 predict_split: str = "test") -> None:
         super().__init__("fashion_mnist", data_dir, batch_size, eval_batch_size, val_size,
-                         split_seed, download, augment, train_subset, num_workers)
+                         split_seed, download, augment, train_subset, num_workers,
+                         predict_split)
 
 
 class CIFAR10DataModule(ImageDataModule):
@@ -446,6 +485,7 @@ class CIFAR10DataModule(ImageDataModule):
     def __init__(self, data_dir: str | None = None, batch_size: int = 128,
                  eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
                  download: bool = False, augment: bool | None = None,
-                 train_subset: int | None = None, num_workers: int = 0) -> None:
+                 train_subset: int | None = None, num_workers: int = 0,
+                 predict_split: str = "test") -> None:
         super().__init__("cifar10", data_dir, batch_size, eval_batch_size, val_size, split_seed,
-                         download, augment, train_subset, num_workers)
+                         download, augment, train_subset, num_workers, predict_split)

@@ -1,10 +1,10 @@
 """Backprop training: :class:`Classifier`, the baseline and the base of every trainer.
 
-:class:`Classifier` holds what every training method shares — the backbone, the metrics, validation
-and test (through a deployment when the run has one), the optimizer and scheduler, exact resume of
-the running training accuracy, and the ``robusttrain`` entry of every checkpoint that lets
-:func:`robusttrain.training.checkpoints.load_checkpoint` rebuild the backbone without unpickling
-code. Its own ``training_step`` is ordinary backprop on the loss L(θ); the other trainers
+:class:`Classifier` holds what every training method shares — the backbone, the metrics, validation,
+test and prediction (through a deployment when the run has one), the optimizer and scheduler,
+exact resume of the running training accuracy, and the ``robusttrain`` entry of every checkpoint
+that lets :func:`robusttrain.training.checkpoints.load_checkpoint` rebuild the backbone without
+unpickling code. Its own ``training_step`` is ordinary backprop on the loss L(θ); the other trainers
 (:mod:`~robusttrain.training.zeroth_order`, :mod:`~robusttrain.training.noise_injection`,
 :mod:`~robusttrain.training.quantization_aware`) override it.
 
@@ -131,7 +131,9 @@ class Classifier(LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(batch_seed(self.seed, self.current_epoch, batch_idx, self.global_rank))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor | None:  # None: a trainer that takes its optimizer step itself
         loss, logits, y = self.model_step(batch)
         self._log_train(loss, logits, y)
         return loss
@@ -163,26 +165,49 @@ class Classifier(LightningModule):
         float_acc_metric: MulticlassAccuracy,
         batch_idx: int,
     ) -> None:
-        if self.deployment is None:
-            loss, logits, y = self.model_step(batch)
-        else:
+        if self.deployment is not None:
             _, float_logits, y = self.model_step(batch)
             float_acc_metric(float_logits, y)
             self.log(f"{split}/float_acc", float_acc_metric, on_step=False, on_epoch=True)
-            chip, _ = deployment_seeds(self.seed, EVAL_CHIP)
-            _, reads = deployment_seeds(chip, batch_idx)
-            with deployed(self.backbone, self.deployment, device_seed=chip, inference_seed=reads):
-                loss, logits, y = self.model_step(batch)
+        loss, logits, y = self._eval_model_step(batch, batch_idx)
         loss_metric(loss, weight=y.numel())
         acc_metric(logits, y)
         self.log(f"{split}/loss", loss_metric, on_step=False, on_epoch=True)
         self.log(f"{split}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True)
 
+    def _eval_model_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`model_step` as validation, test and predict see the model.
+
+        Through the deployment when the run has one: on the evaluation chip (faults drawn from
+        (seed, :data:`EVAL_CHIP`), the same for every batch) with read noise drawn per batch from
+        that chip and ``batch_idx``, so the same batch draws the same noise in every command.
+        """
+        if self.deployment is None:
+            return self.model_step(batch)
+        chip, _ = deployment_seeds(self.seed, EVAL_CHIP)
+        _, reads = deployment_seeds(chip, batch_idx)
+        with deployed(self.backbone, self.deployment, device_seed=chip, inference_seed=reads):
+            return self.model_step(batch)
+
+    def predict_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, C), labels (B,)) of one batch, through the deployment when there is one.
+
+        The deployment draws what :meth:`test_step` draws for the same batch, so ``robusttrain
+        predict`` and ``robusttrain test`` through a deployment see the same deployed model;
+        :class:`robusttrain.training.predict.PredictionWriter` writes the rows.
+        """
+        _, logits, y = self._eval_model_step(batch, batch_idx)
+        return logits, y
+
     # ----- optimizers ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         params = [p for p in self.backbone.parameters() if p.requires_grad]
         if self.optimizer_factory is None:
-            optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
         else:
             optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
@@ -208,6 +233,7 @@ class Classifier(LightningModule):
         deployed D(θ)) are both this step.
         """
         optimizer = self.optimizers()
+        assert not isinstance(optimizer, list)  # configure_optimizers gives one optimizer
         clean = [t.detach().clone() for t in moved]
         try:
             with torch.no_grad():
@@ -227,6 +253,7 @@ class Classifier(LightningModule):
     def _step_scheduler_manually(self) -> None:
         """Manual optimization does not step schedulers: do it once per epoch, as configured."""
         scheduler = self.lr_schedulers()
+        assert not isinstance(scheduler, list)  # configure_optimizers gives at most one
         if scheduler is not None:
             scheduler.step()
 

@@ -5,11 +5,13 @@ subclasses) and :class:`robusttrain.data.ImageDataModule`. Each run writes
 ``runs/<name>/version_<k>/`` holding ``config.yaml`` (the resolved config), ``metrics.csv`` and
 ``checkpoints/{best,last}.ckpt``. The comparison trains its runs through it too.
 
-``validate`` and ``test`` of a checkpoint in such a ``checkpoints/`` folder log beside it, into
-``version_<k>/<subcommand>_<checkpoint>/`` (``test_last/config.yaml`` and ``test_last/metrics.csv``
-for ``last.ckpt``): the fit's own ``config.yaml`` and ``metrics.csv`` stay as they are (a CSVLogger
-pointed at the version folder itself would delete its ``metrics.csv``), and testing the same
-checkpoint again replaces only that folder.
+``validate``, ``test`` and ``predict`` of a checkpoint in such a ``checkpoints/`` folder log beside
+it, into ``version_<k>/<subcommand>_<checkpoint>/`` (``test_last/config.yaml`` and
+``test_last/metrics.csv`` for ``last.ckpt``; ``predict_best/predictions.csv`` for ``best.ckpt``):
+the fit's own ``config.yaml`` and ``metrics.csv`` stay as they are (a CSVLogger pointed at the
+version folder itself would delete its ``metrics.csv``), and testing the same checkpoint again
+replaces only that folder. ``--predictions.path``
+(:class:`robusttrain.training.predict.PredictionWriter`) writes the predictions elsewhere.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from robusttrain.data import ImageDataModule
 from robusttrain.training.backprop import Classifier
 from robusttrain.training.checkpoints import BestAndLastCheckpoint, CheckpointError
+from robusttrain.training.divergence import DivergenceGuard
+from robusttrain.training.predict import PredictionWriter
 
 __all__ = ["RUNS_DIR", "RobustTrainCLI", "make_cli"]
 
@@ -36,6 +40,8 @@ class RobustTrainCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(DivergenceGuard, "divergence")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -72,7 +78,7 @@ class RobustTrainCLI(LightningCLI):
         if ckpt_path is None:
             return
         _check_ckpt_path(str(ckpt_path))
-        if self.subcommand in ("validate", "test"):
+        if self.subcommand in ("validate", "test", "predict"):
             _log_beside_run(config, self.subcommand, Path(ckpt_path))
 
 
