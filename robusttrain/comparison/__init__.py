@@ -3,6 +3,8 @@ evaluated under the same weight-noise draws, under one or several noise models.
 
 * :mod:`robusttrain.comparison.config` — the comparison file (YAML: ``sigmas`` or ``levels`` per
   method, one or several evaluation noise models) and its checks.
+* :mod:`robusttrain.comparison.evaluation_cache` — each model's evaluation, kept in its run folder
+  and reused by a later call while nothing that determines it has changed.
 * :mod:`robusttrain.comparison.runner` — training every run (resumable) and evaluating them all.
 * :mod:`robusttrain.comparison.report` — summaries over seeds, ``report.md``, the robustness and
   frontier plots.

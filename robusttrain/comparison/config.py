@@ -169,7 +169,8 @@ class CompareConfigError(ValueError):
     """A comparison file with a missing or wrong entry; the message names it."""
 
 
-def _require(cond: bool, message: str) -> None:
+def _require(cond: object, message: str) -> None:
+    # cond is tested for truth: a non-empty list or mapping passes
     if not cond:
         raise CompareConfigError(message)
 

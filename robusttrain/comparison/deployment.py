@@ -39,9 +39,13 @@ file's defaults.
 Every run is trained with :func:`robusttrain.comparison.runner.train_run` into
 ``<out>/runs/<method>/<deployment or float>/seed<k>/`` (finished runs are reused, interrupted
 ones resume). Each target is then evaluated with :func:`robusttrain.evaluation.evaluate_deployment`
-on the test split, every model on the same chips and read-noise draws (paired), and the results
-written atomically: ``deployment.csv`` (one row per model, target, chip and inference run),
-``comparison.json`` (per method and target: per-seed means, mean and std over seeds, costs),
+on the test split, every model on the same chips and read-noise draws (paired), one model at a
+time: each model's evaluation through a target is kept in
+``<run>/evaluations/deployment_<target>.json`` as soon as it is done and reused by a later call
+while its checkpoint, the test data, the target and the draws are unchanged
+(:mod:`~robusttrain.comparison.evaluation_cache`). The results are written atomically:
+``deployment.csv`` (one row per model, target, chip and inference run), ``comparison.json`` (per
+method and target: per-seed means, mean and std over seeds, costs),
 ``deployment.png`` (grouped bars) and ``report.md``.
 """
 
@@ -56,18 +60,29 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 import yaml
 
 from robusttrain.comparison.config import CompareConfig, CompareConfigError, MethodSpec
+from robusttrain.comparison.evaluation_cache import (
+    file_digest,
+    keep,
+    kept,
+    kept_path,
+    tensor_digest,
+)
 from robusttrain.comparison.runner import train_run
 from robusttrain.evaluation.deployment import evaluate_deployment
 from robusttrain.evaluation.report import save_figure
 from robusttrain.files import write_atomic
 from robusttrain.noise.deployment import Deployment, parse_deployment
 from robusttrain.training.checkpoints import load_checkpoint
+
+if TYPE_CHECKING:
+    from matplotlib.artist import Artist
 
 __all__ = [
     "DeploymentCompareConfig",
@@ -121,7 +136,8 @@ def is_deployment_config(path: str | Path) -> bool:
     return isinstance(raw, dict) and "deployments" in raw
 
 
-def _require(cond: bool, message: str) -> None:
+def _require(cond: object, message: str) -> None:
+    # cond is tested for truth: a non-empty list or mapping passes
     if not cond:
         raise CompareConfigError(message)
 
@@ -212,8 +228,9 @@ def _method(
     init_from = spec.get("init_from")
     if init_from is not None:
         source = next((m for m in earlier if m.name == init_from), None)
-        _require(source is not None, f"{where}: init_from {init_from!r} must name a method listed "
-                 "before it")
+        if source is None:
+            raise CompareConfigError(f"{where}: init_from {init_from!r} must name a method listed "
+                                     "before it")
         _require(source.trained_deployments() == [None], f"{where}: init_from {init_from!r} must "
                  "be a float method (no train_through): one checkpoint per seed")
     trainer = spec.get("trainer") or {}
@@ -277,26 +294,26 @@ def run_deployment_comparison(
     x, y = dm.test_x, dm.test_y
     if cfg.evaluation["max_images"] is not None:
         x, y = x[: cfg.evaluation["max_images"]], y[: cfg.evaluation["max_images"]]
+    data_digest = tensor_digest(x, y)
     rows: list[dict[str, Any]] = []
     entries: list[dict[str, Any]] = []
     for target, dep in cfg.deployments.items():
-        models = {}
+        runs = {}  # model name -> the (method, trained deployment, seed) of its run
         for method in cfg.methods:
             if target not in method.through:
                 continue
             for seed in cfg.seeds:
-                models[f"{method.name} seed{seed}"] = backbones[(method.name, method.through[target],
-                                                                 seed)]
+                runs[f"{method.name} seed{seed}"] = (method.name, method.through[target], seed)
         print(f"[compare] {target}: {dep.describe()}")
-        evaluated = evaluate_deployment(
-            models, x, y, dep, device_draws=cfg.evaluation["device_draws"],
-            inference_draws=cfg.evaluation["inference_draws"], seed=cfg.evaluation["seed"],
-        )
-        for row in evaluated.rows:
-            rows.append({"target": target, **row})
+        summaries = {}
+        for name, run in runs.items():
+            evaluated = _evaluate_kept(cfg, target, name, backbones[run], results[run], x, y,
+                                       out, data_digest)
+            rows += [{"target": target, **row} for row in evaluated["rows"]]
+            summaries[name] = evaluated["summary"]
         for method in cfg.methods:
             if target in method.through:
-                entries.append(_entry(cfg, method, target, evaluated.summaries, results))
+                entries.append(_entry(cfg, method, target, summaries, results))
     _write_csv(out / "deployment.csv", rows)
     summary = {"name": cfg.name, "seeds": cfg.seeds, "evaluation": cfg.evaluation,
                "examples": len(y), "deployments": {k: d.to_list() for k, d in cfg.deployments.items()},
@@ -308,6 +325,37 @@ def run_deployment_comparison(
     report = render_deployment_report(cfg, entries, time.perf_counter() - started, command)
     write_atomic(out / "report.md", report.encode())
     return out / "report.md"
+
+
+def _evaluate_kept(
+    cfg: DeploymentCompareConfig, target: str, name: str, backbone: torch.nn.Module,
+    result: dict[str, Any], x: torch.Tensor, y: torch.Tensor, out: Path, data_digest: str,
+) -> dict[str, Any]:
+    """The rows and summary of ``evaluate_deployment`` of one model through ``target``.
+
+    Kept in the model's run folder, ``evaluations/deployment_<target>.json``, as soon as they
+    exist, and read back instead of evaluating while the checkpoint, the test data (``data_digest``:
+    their :func:`tensor_digest`), the target's steps and the draws are unchanged
+    (:mod:`~robusttrain.comparison.evaluation_cache`). One model at a time gives what one call
+    over all the models gives: the chips and read-noise runs are paired through their seeds.
+    """
+    dep = cfg.deployments[target]
+    settings = {k: cfg.evaluation[k] for k in ("device_draws", "inference_draws", "seed")}
+    checkpoint = out / result["checkpoint"]
+    path = kept_path(checkpoint.parent.parent, "deployment", target)
+    key = {"evaluation": "deployment", "model": name, "target": target,
+           "deployment": dep.to_list(), "checkpoint_sha256": file_digest(checkpoint),
+           "data_sha256": data_digest, **settings}
+    value = kept(path, key)
+    if value is None:
+        print(f"[compare] evaluating {name} through {target}")
+        one = evaluate_deployment({name: backbone}, x, y, dep, **settings)
+        value = {"rows": one.rows, "summary": one.summaries[name]}
+        keep(path, key, value)
+    else:
+        print(f"[compare] reusing the evaluation of {name} through {target} "
+              f"({path.relative_to(out)})")
+    return value
 
 
 def _entry(
@@ -424,7 +472,8 @@ def plot_deployment_comparison(
         present = [m for m in methods if (m, target) in by]
         for k, method in enumerate(present):
             place[(method, target)] = j + width * (k - (len(present) - 1) / 2)
-    handles = []
+    # the legend's entries: one bar group (a tuple of bars) per method, and the float line
+    handles: list[Artist | tuple[Artist, ...]] = []
     for i, method in enumerate(methods):
         keys = [(method, t) for t in targets if (method, t) in by]
         handles.append(ax.bar([place[k] for k in keys], [100 * by[k]["mean"] for k in keys], width,

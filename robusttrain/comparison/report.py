@@ -23,13 +23,16 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from robusttrain.comparison.config import CompareConfig, Variant
 from robusttrain.evaluation import area_under_curve, drop_levels
 from robusttrain.files import write_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "frontier_figure",
@@ -345,7 +348,7 @@ def _seeds_text(entries: Sequence[Mapping[str, Any]]) -> str:
 
 def robustness_figure(
     entries: Sequence[Mapping[str, Any]], levels: Sequence[float], noise: str, draws: int | None = None
-):
+) -> Figure:
     """Accuracy vs noise level: per entry the mean over seeds, shaded ±1 std over seeds.
 
     Args:
@@ -390,7 +393,7 @@ def _frontier_levels(levels: Sequence[float]) -> list[float]:
 
 def frontier_figure(
     entries: Sequence[Mapping[str, Any]], levels: Sequence[float], noise: str = "relative"
-):
+) -> Figure:
     """Clean accuracy (x) against accuracy at η = 0.1 (y), and at η = 0.2 in a second panel.
 
     Each entry is one point with error bars of ±1 std over seeds in x and y; without η = 0.1 or 0.2
@@ -432,7 +435,7 @@ def frontier_figure(
     return fig
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()

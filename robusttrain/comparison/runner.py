@@ -9,10 +9,14 @@ where it stopped. A run folder holds ``fit_config.yaml``, ``checkpoints/{best,la
 ``level``/``noise``, from before, are read as None).
 
 All final checkpoints are then evaluated on the test split under the same weight-noise draws
-(paired) for each evaluation noise model, and written atomically: per noise model
-``robustness.csv``, ``summary.json``, ``robustness.png`` and ``frontier.png`` — in ``<out>/`` when
-``robustness.noise`` is a string, in ``<out>/<noise>/`` when it is a list — then ``comparison.json``
-(a list of entries, or noise model -> list for a list of noise models) and ``report.md``.
+(paired) for each evaluation noise model, one model at a time; each model's evaluation is kept in
+``<run>/evaluations/robustness_<noise>.json`` as soon as it is done and reused by a later call
+while its checkpoint, the test data and the settings are unchanged
+(:mod:`~robusttrain.comparison.evaluation_cache`). The results are written atomically: per noise
+model ``robustness.csv``, ``summary.json``, ``robustness.png`` and ``frontier.png`` — in ``<out>/``
+when ``robustness.noise`` is a string, in ``<out>/<noise>/`` when it is a list — then
+``comparison.json`` (a list of entries, or noise model -> list for a list of noise models) and
+``report.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ import torch
 import yaml
 
 from robusttrain.comparison.config import CompareConfig, MethodSpec, Variant, init_parameters
+from robusttrain.comparison.evaluation_cache import (
+    file_digest,
+    keep,
+    kept,
+    kept_path,
+    tensor_digest,
+)
 from robusttrain.comparison.report import (
     plot_frontier,
     plot_robustness,
@@ -37,7 +48,7 @@ from robusttrain.comparison.report import (
     run_label,
     summarize_runs,
 )
-from robusttrain.evaluation import evaluate_models, write_report
+from robusttrain.evaluation import RobustnessResult, evaluate_models, write_report
 from robusttrain.files import write_atomic
 from robusttrain.training.checkpoints import load_checkpoint
 from robusttrain.training.lightning_cli import make_cli
@@ -186,13 +197,14 @@ def run_comparison(
     x, y = dm.test_x, dm.test_y
     if spec.max_images is not None:
         x, y = x[: spec.max_images], y[: spec.max_images]
+    data_digest = tensor_digest(x, y)
     x, y = x.to(device), y.to(device)
     entries: dict[str, list[dict[str, Any]]] = {}
     for noise, levels in spec.levels.items():
         folder = spec.out_dir(out, noise)
         # the same seed for every noise model: draw k is the same ε for all (paired)
-        result = evaluate_models(models, x, y, noise=noise, levels=levels, draws=spec.draws,
-                                 seed=spec.seed, progress=True)
+        result = _evaluate_runs(results, models, x, y, out, data_digest, noise=noise,
+                                levels=levels, draws=spec.draws, seed=spec.seed)
         write_report(result, folder)
         entries[noise] = summarize_runs(results, _read_rows(folder / "robustness.csv"), levels)
         # replaces write_report's per-model plot with one curve per (method, variant)
@@ -204,6 +216,45 @@ def run_comparison(
     report = render_report(cfg, entries, time.perf_counter() - started, command)
     write_atomic(out / "report.md", report)
     return out / "report.md"
+
+
+def _evaluate_runs(
+    results: list[dict[str, Any]], models: dict[str, torch.nn.Module], x: torch.Tensor,
+    y: torch.Tensor, out: Path, data_digest: str, **settings: Any,
+) -> RobustnessResult:
+    """:func:`evaluate_models` of every run's model, one model at a time, each kept in its run
+    folder (:mod:`~robusttrain.comparison.evaluation_cache`) and reused while its key holds.
+
+    The result equals one :func:`evaluate_models` call over all the models: each model's rows and
+    summary depend on that model alone (the draws are paired through their seeds).
+
+    Args:
+        results: the runs (``key``: model name, ``checkpoint``: relative to ``out``).
+        models: model name -> the loaded backbone.
+        x, y: the evaluation inputs and labels; ``data_digest`` their :func:`tensor_digest`.
+        out: the comparison folder.
+        settings: the arguments of :func:`evaluate_models` (noise, levels, draws, seed).
+    """
+    merged = RobustnessResult()
+    for r in results:
+        name, checkpoint = r["key"], out / r["checkpoint"]
+        path = kept_path(checkpoint.parent.parent, "robustness", settings["noise"])
+        key = {"evaluation": "robustness", "model": name,
+               "checkpoint_sha256": file_digest(checkpoint), "data_sha256": data_digest,
+               **settings}
+        value = kept(path, key)
+        if value is None:
+            print(f"[compare] evaluating {name} under {settings['noise']} noise")
+            one = evaluate_models({name: models[name]}, x, y, progress=True, **settings)
+            value = {"settings": one.settings, "rows": one.rows, "summary": one.summaries[name]}
+            keep(path, key, value)
+        else:
+            print(f"[compare] reusing the {settings['noise']}-noise evaluation of {name} "
+                  f"({path.relative_to(out)})")
+        merged.settings = value["settings"]
+        merged.rows.extend(value["rows"])
+        merged.summaries[name] = value["summary"]
+    return merged
 
 
 def _data_class(data: dict[str, Any]) -> type:
