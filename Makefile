@@ -28,9 +28,10 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check robusttrain tests experiments
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) experiments/bench_estimator.py
 
 clean:
-	rm -rf $(VENV) runs lightning_logs .pytest_cache
+	rm -rf $(VENV) runs lightning_logs .pytest_cache .mypy_cache

@@ -43,6 +43,8 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
         b'all of it'
         >>> sorted(p.name for p in folder.iterdir())  # no temporary file left behind
         ['weights.bin']
+        >>> import shutil
+        >>> shutil.rmtree(folder)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

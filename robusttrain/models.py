@@ -212,11 +212,12 @@ class ResNet20(_SpecMixin, nn.Module):
 _ALLOWED_PREFIX = "robusttrain.models."
 
 
-def build_backbone(spec: dict[str, Any]) -> nn.Module:
+def build_backbone(spec: object) -> nn.Module:
     """Rebuild a backbone from its ``spec`` (as stored in a robusttrain checkpoint).
 
     Only classes defined in :mod:`robusttrain.models` are accepted, so a checkpoint cannot make
-    this function import or run arbitrary code.
+    this function import or run arbitrary code. ``spec`` comes from a file, so any value is
+    checked: a dict with a ``class_path`` and optional ``init_args``.
 
     Raises:
         ValueError: the spec is malformed or names a class outside ``robusttrain.models``.

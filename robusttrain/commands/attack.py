@@ -18,6 +18,7 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -139,7 +140,8 @@ def _run(args: argparse.Namespace) -> int:
         g = torch.Generator().manual_seed(args.seed)
         shift = torch.randint(1, len(dm.spec.class_names), y.shape, generator=g)
         targets = (y + shift) % len(dm.spec.class_names)
-    rows, summary, traces = [], {}, {}
+    rows, traces = [], {}
+    summary: dict[str, dict[str, Any]] = {}  # model -> optimizer -> its summary
     budgets = [100, 300, 1000, 3000, 10_000, args.max_queries]
     budgets = sorted({b for b in budgets if b <= args.max_queries})
     for name, ckpt in zip(names, loaded):
@@ -194,7 +196,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot(summary, rows, names, optimizers, args, path: Path) -> None:
+def _plot(
+    summary: dict[str, dict[str, Any]], rows: list[dict[str, Any]], names: list[str],
+    optimizers: list[str], args: argparse.Namespace, path: Path,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,7 +226,7 @@ def _plot(summary, rows, names, optimizers, args, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _style(optimizer: str, optimizers: list[str], args) -> dict:
+def _style(optimizer: str, optimizers: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Line label and style of one optimizer, the same in both figures."""
     if optimizer == "pgd":
         return {"label": optimizer, "linestyle": "--", "linewidth": 1.5}
@@ -233,13 +238,16 @@ def _style(optimizer: str, optimizers: list[str], args) -> dict:
     return {"label": optimizer, "linewidth": 1.5}
 
 
-def _title(args) -> str:
+def _title(args: argparse.Namespace) -> str:
     kind = "targeted" if args.targeted else "untargeted"
     return (f"{kind} {args.threat} attack, ε = {args.eps:g}, first {args.images} {args.split} "
             "images (pgd: white box, forward-backward passes)")
 
 
-def _plot_loss(traces, names, optimizers, args, path: Path) -> None:
+def _plot_loss(
+    traces: dict[tuple[str, str], tuple[int, torch.Tensor]], names: list[str],
+    optimizers: list[str], args: argparse.Namespace, path: Path,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

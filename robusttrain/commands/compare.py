@@ -16,6 +16,7 @@ from pathlib import Path
 from robusttrain.commands.errors import USAGE_ERROR, one_line_error
 from robusttrain.comparison.config import CompareConfigError, load_config
 from robusttrain.comparison.deployment import (
+    DeploymentCompareConfig,
     is_deployment_config,
     load_deployment_config,
     run_deployment_comparison,
@@ -49,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
     out = Path(args.out) if args.out else Path("experiments/results") / cfg.name
     command = f"robusttrain compare --config {args.config}" + (f" --out {args.out}" if args.out else "")
-    run = run_deployment_comparison if deployment else run_comparison
     try:
-        report = run(cfg, out, device=args.device, command=command)
+        if isinstance(cfg, DeploymentCompareConfig):
+            report = run_deployment_comparison(cfg, out, device=args.device, command=command)
+        else:
+            report = run_comparison(cfg, out, device=args.device, command=command)
     except (ValueError, ArithmeticError) as err:  # DatasetError, NonFiniteLossError, ...
         message = one_line_error(err)
         if message is None:

@@ -208,15 +208,15 @@ def _run(args: argparse.Namespace) -> int:
         x, y = datamodule.test_x, datamodule.test_y
     models = {n: c.backbone.to(device) for n, c in zip(names, loaded)}
     if deployment is not None:
-        result = evaluate_deployment(
+        deployed = evaluate_deployment(
             models, x.to(device), y.to(device), deployment, sweep=sweep,
             device_draws=device_draws, inference_draws=inference_draws, seed=seed,
             batch_size=batch_size, progress=not args.no_progress,
         )
-        paths = write_deployment_report(result, args.out)
+        paths = write_deployment_report(deployed, args.out)
         print(f"deployment {deployment.name}: {deployment.describe()}; {args.split} split "
               f"({len(y)} examples); accuracy in %, mean ± std over the draws")
-        print(format_deployment_table(result))
+        print(format_deployment_table(deployed))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         return 0
     result = evaluate_models(

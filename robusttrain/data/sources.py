@@ -401,7 +401,9 @@ def download(
                 for member in tar.getmembers():
                     name = member.name.rsplit("/", 1)[-1]
                     if member.isfile() and name in wanted:
-                        write_atomic(target / name, tar.extractfile(member).read())
+                        data = tar.extractfile(member)
+                        assert data is not None  # extractfile gives None only for non-files
+                        write_atomic(target / name, data.read())
         except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
             raise DatasetError(f"{archive}: unreadable archive ({err}); delete it and retry") from None
         absent = sorted(n for n in wanted if not (target / n).is_file())

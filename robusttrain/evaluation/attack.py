@@ -59,7 +59,9 @@ class LearnedOptimizer(Protocol):
     LearnedZOOptimizer`): per-image memory, one step, and what it was trained for."""
 
     settings: dict[str, Any]
-    uses_query: bool
+
+    @property
+    def uses_query(self) -> bool: ...
 
     def initial_state(self, images: int, dims: int, device: Any = "cpu") -> Any: ...
 
@@ -206,8 +208,11 @@ def run_attack(
         model.train(was_training)
 
 
-def _attack(model, x, y, eps, threat, optimizer, targets, max_queries, num_pairs, sigma, lr, kappa,
-            seed, batch_size, learned) -> AttackResult:
+def _attack(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, threat: str, optimizer: str,
+    targets: torch.Tensor | None, max_queries: int, num_pairs: int, sigma: float, lr: float,
+    kappa: float, seed: int, batch_size: int, learned: LearnedOptimizer | None,
+) -> AttackResult:
     n = x.shape[0]
     current_loss = torch.zeros(n)
     trace = []
@@ -306,6 +311,9 @@ def _step(optimizer: str, threat: str, g: torch.Tensor, lr: float, m: torch.Tens
 
 class PixelModel(nn.Module):
     """A network trained on normalized inputs, fed pixels in [0, 1]: ``net((u − mean) / std)``."""
+
+    mean: torch.Tensor  # buffers, (1, C, 1, 1)
+    std: torch.Tensor
 
     def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()

@@ -64,7 +64,7 @@ def write_report(result: RobustnessResult, out_dir: str | Path) -> dict[str, Pat
     return paths
 
 
-def _percent(stats: list[Mapping[str, Any]], key: str) -> np.ndarray:
+def _percent(stats: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
     """``100 * stats[i][key]`` per level; the mean where a CI is undefined (a single draw)."""
     return np.array([100 * (s[key] if s[key] is not None else s["mean"]) for s in stats])
 
@@ -132,7 +132,7 @@ def robustness_figure(summaries: Mapping[str, Mapping[str, Any]] | RobustnessRes
                                            summary["clean_accuracy"]))
         noise, bn_mode, draws = summary.get("noise"), summary.get("bn_mode"), summary.get("draws")
         any_batchnorm = any_batchnorm or bool(summary.get("batchnorm_layers", 0))
-    ax.set_xlabel(_LEVEL_LABELS.get(noise, "noise level"))
+    ax.set_xlabel("noise level" if noise is None else _LEVEL_LABELS.get(noise, "noise level"))
     ax.set_ylabel("accuracy (%)")
     # the BatchNorm setting only applies to networks that have BatchNorm layers
     batchnorm = f", BatchNorm statistics: {bn_mode}" if any_batchnorm else ""
@@ -154,12 +154,12 @@ def draw_accuracy_curve(
     from matplotlib.lines import Line2D
 
     color = plt.cm.tab10(index % 10)
-    x = np.asarray(x, dtype=float)
+    levels = np.asarray(x, dtype=float)
     mean = _percent(stats, "mean")
-    ax.fill_between(x, _percent(stats, "p5"), _percent(stats, "p95"), color=color, alpha=0.15,
+    ax.fill_between(levels, _percent(stats, "p5"), _percent(stats, "p95"), color=color, alpha=0.15,
                     lw=0)
     ci_low, ci_high = _percent(stats, "ci95_low"), _percent(stats, "ci95_high")
-    ax.errorbar(x, mean, yerr=[mean - ci_low, ci_high - mean], fmt="o-", color=color,
+    ax.errorbar(levels, mean, yerr=[mean - ci_low, ci_high - mean], fmt="o-", color=color,
                 markersize=3, capsize=2, lw=1.3)
     ax.axhline(100 * clean_accuracy, color=color, ls=":", lw=0.9)
     return Line2D([], [], color=color, marker="o", markersize=3, label=name)

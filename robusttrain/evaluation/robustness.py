@@ -137,9 +137,11 @@ class _FirstLinearShortcut:
         index = 0
         while index < len(sequence) and isinstance(sequence[index], (nn.Flatten, nn.Identity)):
             index += 1
-        if index == len(sequence) or not isinstance(sequence[index], nn.Linear):
+        if index == len(sequence):
             return None
         layer = sequence[index]
+        if not isinstance(layer, nn.Linear):
+            return None
         if not any(t is layer.weight for t in tensors):
             return None
         if 2 * len(x) * layer.out_features > cls.MAX_CACHED:
@@ -416,7 +418,7 @@ def _summarize(
     model: nn.Module, rows: list[dict[str, Any]], plan: _Plan, settings: dict[str, Any]
 ) -> dict[str, Any]:
     levels = plan.levels
-    stats = {}
+    stats: dict[str, dict[str, Any]] = {}
     for level in levels:
         accs = [r["accuracy"] for r in rows if r["level"] == level]
         losses = [r["loss"] for r in rows if r["level"] == level]

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
 
 __all__ = [
     "CI_METHOD",
+    "LevelStatistics",
     "area_under_curve",
     "drop_levels",
     "level_statistics",
@@ -47,6 +49,12 @@ def t_quantile_975(df: int) -> float:
 
     Args:
         df: degrees of freedom, >= 1.
+
+    Example:
+        >>> t_quantile_975(1), t_quantile_975(10)
+        (12.706, 2.228)
+        >>> round(t_quantile_975(100), 3)  # from the expansion; the exact quantile is 1.98397
+        1.984
     """
     if isinstance(df, bool) or not isinstance(df, int) or df < 1:
         raise ValueError(f"degrees of freedom must be an integer >= 1, got {df!r}")
@@ -56,7 +64,21 @@ def t_quantile_975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-def level_statistics(values: Sequence[float]) -> dict[str, float | int | None]:
+class LevelStatistics(TypedDict):
+    """What :func:`level_statistics` returns (a plain dict at run time)."""
+
+    n: int
+    mean: float
+    std: float
+    p5: float
+    p95: float
+    min: float
+    max: float
+    ci95_low: float | None
+    ci95_high: float | None
+
+
+def level_statistics(values: Sequence[float]) -> LevelStatistics:
     """Summary of the draws at one level: n, mean, std, percentiles, extremes, 95% CI of the mean.
 
     ``std`` is the sample standard deviation (ddof 1); ``p5``/``p95`` are linear-interpolation
@@ -64,6 +86,13 @@ def level_statistics(values: Sequence[float]) -> dict[str, float | int | None]:
 
     Args:
         values: one value per draw (at least one, all finite).
+
+    Example:
+        >>> stats = level_statistics([0.90, 0.92, 0.94])
+        >>> stats["n"], round(stats["mean"], 4), round(stats["std"], 4)
+        (3, 0.92, 0.02)
+        >>> round(stats["ci95_low"], 4), round(stats["ci95_high"], 4)  # 0.92 ∓ 4.303·0.02/√3
+        (0.8703, 0.9697)
     """
     arr = np.asarray(values, dtype=float)
     if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)):
@@ -123,6 +152,16 @@ def drop_levels(
         accuracies: mean accuracy at each level, as fractions.
         clean: accuracy of the unperturbed model, as a fraction.
         drops: the drops, as fractions (0.05 = 5 percentage points).
+
+    Example:
+        Clean accuracy 90%: one point is lost halfway to level 0.1, five points at 3/8 of the
+        way from 0.1 to 0.2, ten points exactly at 0.2:
+
+        >>> levels = drop_levels([0.0, 0.1, 0.2], [0.90, 0.88, 0.80], clean=0.90)
+        >>> [round(level, 4) for level in levels]
+        [0.05, 0.1375, 0.2]
+        >>> drop_levels([0.0, 0.1], [0.90, 0.89], clean=0.90, drops=[0.05])  # never 5 points
+        [None]
     """
     lv, acc = _sorted_curve(levels, accuracies)
     out: list[float | None] = []
@@ -152,6 +191,12 @@ def area_under_curve(
         accuracies: mean accuracy at each level.
         normalize: divide by the level range (max − min), which turns the area into the average
             accuracy over the range; with a single level, that level's accuracy.
+
+    Example:
+        >>> round(area_under_curve([0.0, 0.1, 0.2], [0.90, 0.88, 0.80], normalize=False), 4)
+        0.173
+        >>> round(area_under_curve([0.0, 0.1, 0.2], [0.90, 0.88, 0.80]), 4)  # mean accuracy
+        0.865
     """
     lv, acc = _sorted_curve(levels, accuracies)
     if lv.size < 2:

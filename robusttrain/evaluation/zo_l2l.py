@@ -216,7 +216,7 @@ class LearnedZOOptimizer(nn.Module):
 
 
 def save_learned(learned: LearnedZOOptimizer, path: str | Path,
-                 history: list[dict[str, float]] | None = None) -> None:
+                 history: list[dict[str, Any]] | None = None) -> None:
     """Write the optimizer, its stages, settings and meta-training history to ``path`` (whole)."""
     buf = io.BytesIO()
     torch.save({"robusttrain_learned_optimizer": FORMAT,
@@ -226,7 +226,7 @@ def save_learned(learned: LearnedZOOptimizer, path: str | Path,
     write_atomic(path, buf.getvalue())
 
 
-def load_learned(path: str | Path) -> tuple[LearnedZOOptimizer, list[dict[str, float]]]:
+def load_learned(path: str | Path) -> tuple[LearnedZOOptimizer, list[dict[str, Any]]]:
     """The optimizer saved at ``path`` and its meta-training history.
 
     Raises:
@@ -265,7 +265,7 @@ def meta_train(
     lr: float = 0.005, kappa: float = 0.0, seed: int = 0,
     validation: tuple[torch.Tensor, torch.Tensor] | None = None, validate_every: int = 5,
     log: Callable[[str], None] | None = print,
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """Meta-train one stage of ``learned`` on attacks against ``model`` on images ``x``.
 
     Each episode attacks ``batch_size`` images drawn from ``x`` (seeded) for ``iterations`` steps
@@ -330,9 +330,10 @@ def meta_train(
     optimizer = torch.optim.Adam(params, lr=lr)
     dims = x[0].numel()
     unit = coordinate_scale(eps, threat, dims)
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
 
     def validate() -> float:
+        assert validation is not None  # called only when there is a validation set
         result = run_attack(model, validation[0], validation[1], eps=eps, threat=threat,
                             optimizer=LEARNED, max_queries=1 + iterations * (2 * num_pairs + 1),
                             num_pairs=num_pairs, sigma=sigma, kappa=kappa, seed=seed,
@@ -370,7 +371,8 @@ def meta_train(
                 pair_seed(seed, draw)))[:batch_size]
             xb, yb = x[pick], y[pick]
 
-            def losses(d: torch.Tensor, rows: torch.Tensor, xb=xb, yb=yb) -> torch.Tensor:
+            def losses(d: torch.Tensor, rows: torch.Tensor, xb: torch.Tensor = xb,
+                       yb: torch.Tensor = yb) -> torch.Tensor:
                 return margin_loss(model(xb[rows] + d), yb[rows], kappa=kappa)
 
             rows = torch.arange(len(xb))
@@ -427,6 +429,7 @@ def meta_train(
                      "iterations": iterations, "unroll": unroll, "episodes": episodes,
                      "batch_size": batch_size, "lr": lr, "seed": seed}
     if best is not None:
+        assert validation is not None  # best is only set with a validation set
         with torch.no_grad():
             for p, kept in zip(params, best[2]):
                 p.copy_(kept)

@@ -273,7 +273,7 @@ class Deployment:
 
 
 def _step(entry: Any, index: int) -> Step:
-    if isinstance(entry, tuple(STEPS.values())):
+    if isinstance(entry, Step):
         return entry
     if not isinstance(entry, Mapping) or "kind" not in entry:
         raise ValueError(f"deployment step {index}: expected a mapping with a 'kind' "
@@ -462,6 +462,7 @@ def _hooks(
         if not read_noise:
             return
         w = mod.weight
+        assert isinstance(w, torch.Tensor)  # the hooks sit on Linear and convolution layers
         stored.append(w.detach().clone())
         with torch.no_grad():
             for step in read_noise:
@@ -470,8 +471,10 @@ def _hooks(
 
     def after(mod: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         if read_noise:
+            w = mod.weight
+            assert isinstance(w, torch.Tensor)
             with torch.no_grad():
-                mod.weight.copy_(stored.pop())
+                w.copy_(stored.pop())
         for converter in converters:
             output = converter.quantize(output)
         return output

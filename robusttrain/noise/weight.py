@@ -73,7 +73,7 @@ def check_noise(noise: str, level: float) -> float:
 
 def noisy_parameters(
     model: nn.Module, include_bias: bool = False, include_norm: bool = False
-) -> list[tuple[str, nn.Parameter]]:
+) -> list[tuple[str, torch.Tensor]]:
     """The (name, parameter) pairs a perturbation touches, in ``named_modules`` order.
 
     Args:
@@ -84,7 +84,7 @@ def noisy_parameters(
     Raises:
         ValueError: nothing in ``model`` is selected.
     """
-    selected: list[tuple[str, nn.Parameter]] = []
+    selected: list[tuple[str, torch.Tensor]] = []
     seen: set[int] = set()  # a parameter shared by two layers is perturbed once
     for prefix, module in model.named_modules():
         if isinstance(module, WEIGHT_LAYERS):

@@ -149,7 +149,9 @@ def frozen_stochastic_layers(model: nn.Module) -> Iterator[None]:
         for module, momentum, counter in saved_bn:
             module.momentum = momentum
             if counter is not None:
-                module.num_batches_tracked.copy_(counter)
+                tracked = module.num_batches_tracked
+                assert tracked is not None  # it was a tensor when the counter was saved
+                tracked.copy_(counter)
         for module in saved_dropout:
             module.train()
 

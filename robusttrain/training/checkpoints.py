@@ -135,7 +135,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             not self.save_last
             or trainer.state.fn != TrainerFn.FITTING
             or trainer.sanity_checking
-            or trainer.fast_dev_run
+            # set by Lightning's debugging-flags connector; Trainer does not declare it
+            or trainer.fast_dev_run  # type: ignore[attr-defined]
             or self._last_written == (trainer.global_step, self._validations)
             or trainer.global_step == 0
         ):

@@ -84,10 +84,11 @@ class NoiseInjectionClassifier(Classifier):
         trainable = {id(p) for p in params}
         tensors = [p for _, p in noisy_parameters(self.backbone) if id(p) in trainable]
         directions = draw_directions(tensors, self.noise, generator)
+        assert self.level is not None  # __init__ (check_noise_level) requires it with noise
         return tensors, [d * self.level for d in directions]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        params: list[torch.Tensor] = [p for p in self.backbone.parameters() if p.requires_grad]
         generator = torch.Generator(device=self.device)
         generator.manual_seed(step_seed(self.seed, self.global_step))
         moved, changes = self._perturbation(params, generator)

@@ -191,13 +191,14 @@ class ZerothOrderClassifier(Classifier):
         self.parallel = parallel
         self.sync_check_every = sync_check_every
         self.automatic_optimization = False
-        self._forward_passes = 0
+        self._forward_passes: float = 0  # whole-batch forward passes (fractional in split mode)
         self._skipped_steps = 0
 
     def smoothing_scale(self, params: list[torch.Tensor]) -> float | list[torch.Tensor | float]:
         """The σ of this step: ``sigma``, or per tensor from the noise model at the clean θ."""
         if self.noise is None:
             return self.sigma
+        assert self.level is not None  # __init__ (check_noise_level) requires it with noise
         return smoothing_sigmas(self.backbone, params, noise=self.noise, level=self.level,
                                 sigma=self.sigma)
 
@@ -217,7 +218,8 @@ class ZerothOrderClassifier(Classifier):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         optimizer = self.optimizers()
-        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        assert not isinstance(optimizer, list)  # configure_optimizers gives one optimizer
+        params: list[torch.Tensor] = [p for p in self.backbone.parameters() if p.requires_grad]
         seed = step_seed(self.seed, self.global_step)
         with torch.no_grad():
             loss, logits, _ = self.model_step(batch)  # also updates BatchNorm statistics
@@ -227,7 +229,7 @@ class ZerothOrderClassifier(Classifier):
                               inference_seed=reads):
                     loss, logits, _ = self.model_step(batch)
         self._log_train(loss, logits, y)
-        options = {
+        options: dict[str, Any] = {  # the keyword arguments every estimator path takes
             "sigma": self.smoothing_scale(params),
             "num_pairs": self.num_pairs,
             "seed": seed,
@@ -260,6 +262,7 @@ class ZerothOrderClassifier(Classifier):
             self.print(f"step {self.global_step}: skipped ({err})")
             return
         # in units of forward passes of the whole batch (a split step sees each example twice)
+        assert estimate.forward_equivalents is not None  # SmoothedGradEstimate fills it in
         self._forward_passes += estimate.forward_equivalents + 1 + (self.deployment is not None)
         grads = estimate.grads
         if self.trainer.world_size > 1 and self.parallel == "data":

@@ -12,13 +12,18 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from robusttrain.zo.coefficients import NonFiniteLossError, check_estimator, check_sigma
 from robusttrain.zo.perturbations import Perturbation
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
 __all__ = [
+    "Sigmas",
     "check_estimator_args",
     "elementwise_lowrank_error",
     "flat_sigmas",
@@ -26,9 +31,12 @@ __all__ = [
     "per_tensor",
 ]
 
+Sigmas = list[float | torch.Tensor] | tuple[float | torch.Tensor, ...]
+"""One smoothing scale per tensor: a list or a tuple, the sequences :func:`per_tensor` recognises."""
+
 
 def check_estimator_args(
-    params: list[torch.Tensor], sigma: float | Sequence[float | torch.Tensor], num_pairs: int,
+    params: list[torch.Tensor], sigma: float | Sigmas, num_pairs: int,
     seed: int, estimator: str,
 ) -> None:
     check_estimator(estimator)
@@ -65,8 +73,8 @@ def check_estimator_args(
         _check_sigmas(params, sigma)
 
 
-def per_tensor(sigma: object) -> bool:
-    """Whether ``sigma`` gives one smoothing scale per tensor (a sequence) rather than one number."""
+def per_tensor(sigma: object) -> TypeIs[Sigmas]:
+    """Whether ``sigma`` gives one scale per tensor (a list or tuple) rather than one number."""
     return isinstance(sigma, (list, tuple))
 
 

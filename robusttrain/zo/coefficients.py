@@ -242,12 +242,14 @@ def coefficients_of_checked(
     shaping = fitness_shaping_name(fitness_shaping)
     n = plus.numel()
     if estimator == "antithetic":
+        assert minus is not None  # pair_coefficients checked it (and the estimator loops pass it)
         if shaping != "none":
             # jointly over all 2N losses, so a pair's difference keeps its sign and relative size
             shaped = _shape(torch.cat([plus, minus]), shaping)
             plus, minus = shaped[:n], shaped[n:]
         return (plus - minus) / (2 * sigma * n)
     if estimator == "one_sided":
+        assert baseline is not None  # as minus above
         base = torch.tensor([float(baseline)], dtype=torch.float64, device=plus.device)
         if shaping != "none":
             shaped = _shape(torch.cat([plus, base]), shaping)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from robusttrain.noise.seeds import pair_seed
-from robusttrain.zo.arguments import check_estimator_args, flat_sigmas, loss_value, per_tensor
+from robusttrain.zo.arguments import Sigmas, check_estimator_args, flat_sigmas, loss_value, per_tensor
 from robusttrain.zo.coefficients import (
     ESTIMATORS,
     FITNESS_SHAPINGS,
@@ -64,7 +64,7 @@ def estimate_smoothed_grad(
     loss_fn: Callable[..., torch.Tensor | float],
     params: Sequence[torch.Tensor],
     *,
-    sigma: float | Sequence[float | torch.Tensor],
+    sigma: float | Sigmas,
     num_pairs: int,
     seed: int,
     estimator: str = "antithetic",
@@ -91,7 +91,7 @@ def estimate_smoothed_grad(
     # the coefficients are those of σ = 1 (docs/theory.md, §11)
     sigma_flat = flat_sigmas(params, sigma, family) if per_tensor(sigma) else None
     num_pairs, seed = int(num_pairs), int(seed)
-    sigma = 1.0 if sigma_flat is not None else float(sigma)
+    sigma = 1.0 if per_tensor(sigma) else float(sigma)
     # memory beyond the forward pass: the clean copy, one noise buffer and the accumulator
     clean = [p.detach().clone() for p in params]
     noise = torch.empty(total, device=device, dtype=torch.float32)  # z_i, reused for every pair
@@ -179,7 +179,7 @@ def smoothed_loss_grad(
     loss_fn: Callable[..., torch.Tensor | float],
     params: Sequence[torch.Tensor],
     *,
-    sigma: float | Sequence[float | torch.Tensor],
+    sigma: float | Sigmas,
     num_pairs: int,
     seed: int,
     estimator: str = "antithetic",

@@ -21,12 +21,13 @@ pass whatever process computes it, so a run ends bit for bit where the single-pr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from robusttrain.noise.seeds import pair_seed
-from robusttrain.zo.arguments import check_estimator_args, flat_sigmas, loss_value, per_tensor
+from robusttrain.zo.arguments import Sigmas, check_estimator_args, flat_sigmas, loss_value, per_tensor
 from robusttrain.zo.coefficients import NonFiniteLossError, pair_coefficients
 from robusttrain.zo.perturbations import Perturbation
 from robusttrain.zo.population import (
@@ -36,6 +37,9 @@ from robusttrain.zo.population import (
     _trainable,
     split_rows,
 )
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
     "PARALLEL_MODES",
@@ -64,7 +68,7 @@ def pair_share(num_pairs: int, world_size: int, rank: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def _scale(sigma: float | Sequence[float | torch.Tensor]) -> float:
+def _scale(sigma: float | Sigmas) -> float:
     """The σ of the coefficients: σ itself, or 1 when the scales go into the directions."""
     return 1.0 if per_tensor(sigma) else float(sigma)
 
@@ -73,7 +77,7 @@ def loop_pair_losses(
     loss_fn: Callable[..., torch.Tensor | float],
     params: Sequence[torch.Tensor],
     *,
-    sigma: float | Sequence[float | torch.Tensor],
+    sigma: float | Sigmas,
     num_pairs: int,
     seed: int,
     start: int,
@@ -124,6 +128,7 @@ def loop_pair_losses(
                     except NonFiniteLossError as err:
                         # kept, not raised: every process must reach the exchange, and then
                         # every process raises on the same losses (rebuild_estimate)
+                        assert err.value is not None  # loss_value always names the value
                         losses[row, column] = err.value
     finally:
         with torch.no_grad():
@@ -136,7 +141,7 @@ def engine_pair_losses(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    sigma: float | Sequence[float | torch.Tensor],
+    sigma: float | Sigmas,
     num_pairs: int,
     seed: int,
     start: int,
@@ -165,12 +170,15 @@ def engine_pair_losses(
             z = family.draw_block(params, seed, num_pairs, first, last)
             plus, minus = _member_losses(model, x, y, z, _scale(sigma), family, True,
                                          None if rows is None else rows[first:last], sigmas)
+            assert minus is not None  # antithetic: both signs were evaluated
             out[first - start : last - start, 0] = plus.double().cpu()
             out[first - start : last - start, 1] = minus.double().cpu()
     return out
 
 
-def gather_pair_losses(local: torch.Tensor, num_pairs: int, group: object | None = None) -> torch.Tensor:
+def gather_pair_losses(
+    local: torch.Tensor, num_pairs: int, group: ProcessGroup | None = None
+) -> torch.Tensor:
     """All processes' losses, (num_pairs, 2), in pair order, on every process.
 
     ``local`` holds this process's share (:func:`pair_share`). One ``all_gather_into_tensor``
@@ -197,7 +205,7 @@ def gather_pair_losses(local: torch.Tensor, num_pairs: int, group: object | None
     return torch.cat(parts)
 
 
-def all_gather_rows(tensor: torch.Tensor, group: object | None = None) -> torch.Tensor:
+def all_gather_rows(tensor: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
     """Every process's ``tensor`` (the same shape on each) stacked along a new first dimension.
 
     One collective: ``all_gather_single`` (``all_gather_into_tensor`` where torch lacks it).
@@ -215,7 +223,7 @@ def rebuild_estimate(
     params: Sequence[torch.Tensor],
     losses: torch.Tensor,
     *,
-    sigma: float | Sequence[float | torch.Tensor],
+    sigma: float | Sigmas,
     seed: int,
     fitness_shaping: bool | str = False,
     perturbation: str = "gaussian",

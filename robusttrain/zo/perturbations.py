@@ -51,12 +51,13 @@ class LowRankFactors:
     Attributes:
         a: (K, out, r) left factors.
         b: (K, in, r) right factors (in = product of the tensor's trailing dimensions).
-        scale: 1/√r, so that a direction is ``scale · a[k] @ b[k].T``.
+        scale: 1/√r, so that a direction is ``scale · a[k] @ b[k].T``; the population engine
+            multiplies in a tensor's smoothing scale, which may be a 0-dim tensor.
     """
 
     a: torch.Tensor
     b: torch.Tensor
-    scale: float
+    scale: float | torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robusttrain.zo.arguments import check_estimator_args, elementwise_lowrank_error, per_tensor
+from robusttrain.zo.arguments import Sigmas, check_estimator_args, elementwise_lowrank_error, per_tensor
 from robusttrain.zo.coefficients import (
     NonFiniteLossError,
     SmoothedGradEstimate,
@@ -187,7 +188,8 @@ def _conv_delta(
     """conv(h_m, E_m) for (s, k, rows, C, H, W) inputs → (s or 1, K, rows, out, H', W')."""
     s, k, rows = hv.shape[:3]
     c, kh, kw = module.weight.shape[1:]
-    conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+    # keyword arguments of F.conv2d (padding is a tuple or a string such as 'same')
+    conv: dict[str, Any] = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
     if isinstance(weight, LowRankFactors):
         pairs, out_f, r = weight.a.shape
         # each pair's r filters B_j, as conv kernels (K·r, C, kh, kw)
@@ -218,9 +220,12 @@ def _normalized(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return F.group_norm(h, module.num_groups, eps=module.eps)
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(h, module.normalized_shape, eps=module.eps)
+    # a BatchNorm with running statistics (unsupported_reason refuses one without)
+    assert isinstance(module, _BATCHNORMS)
+    mean, var = module.running_mean, module.running_var
+    assert mean is not None and var is not None
     shape = [1, -1] + [1] * (h.dim() - 2)
-    mean = module.running_mean.view(shape)
-    return (h - mean) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+    return (h - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
 
 
 def _channel_view(vector: torch.Tensor, module: nn.Module, member_dims: int) -> torch.Tensor:
@@ -314,8 +319,9 @@ def _make_hook(
     signs: torch.Tensor,
 ) -> Callable[..., torch.Tensor]:
     weight, bias = parts.get("weight"), parts.get("bias")
+    # a bias is 1-D, and 1-D tensors always get Gaussian directions (robusttrain.zo.perturbations)
+    assert not isinstance(bias, LowRankFactors)
     linear = isinstance(module, nn.Linear)
-    lowrank = weight is None or isinstance(weight, LowRankFactors)
 
     def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         hv = layout.view(inputs[0])
@@ -325,19 +331,23 @@ def _make_hook(
                     f"a Linear layer received a {inputs[0].dim()}-D input; the population engine "
                     "handles Linear layers on (batch, features) inputs: use population: false"
                 )
-            members = _linear_lowrank_members if lowrank else _linear_dense_members
-            return members(hv, output, weight, bias, layout, signs)
+            if isinstance(weight, torch.Tensor):
+                return _linear_dense_members(hv, output, weight, bias, layout, signs)
+            return _linear_lowrank_members(hv, output, weight, bias, layout, signs)
         out = layout.view(output)
         delta = None
         if isinstance(module, _CHANNEL_NORMS + (nn.LayerNorm,)):
             if weight is not None:
+                assert isinstance(weight, torch.Tensor)  # a norm scale is 1-D: Gaussian directions
                 n = layout.view(_normalized(module, inputs[0]))
                 delta = _channel_view(weight, module, n.dim()) * n
         elif weight is not None:
+            assert isinstance(module, nn.Conv2d)  # the layers left once Linear and norms are out
             delta = _conv_delta(module, hv, weight)
         if bias is not None:
             shift = _channel_view(bias, module, out.dim())
             delta = shift if delta is None else delta + shift
+        assert delta is not None  # the hook is only made for a layer with a perturbed weight or bias
         result = out + signs.view(-1, *[1] * (out.dim() - 1)) * delta
         shape = (layout.expanded_rows, *output.shape[1:])
         return result.expand(layout.signs, layout.pairs, *result.shape[2:]).reshape(shape)
@@ -351,7 +361,7 @@ def perturbed_losses(
     y: torch.Tensor,
     factors: torch.Tensor,
     *,
-    sigma: float | Sequence[float | torch.Tensor],
+    sigma: float | Sigmas,
     perturbation: Perturbation | None = None,
     antithetic: bool = True,
     rows: torch.Tensor | None = None,
@@ -463,7 +473,7 @@ def population_smoothed_grad(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    sigma: float | Sequence[float | torch.Tensor],
+    sigma: float | Sigmas,
     num_pairs: int,
     seed: int,
     estimator: str = "antithetic",
@@ -518,7 +528,7 @@ def population_smoothed_grad(
     _require_supported(model, family)
     sigmas = list(sigma) if per_tensor(sigma) else None
     num_pairs, seed = int(num_pairs), int(seed)
-    sigma = 1.0 if sigmas is not None else float(sigma)  # scales then go into the directions
+    sigma = 1.0 if per_tensor(sigma) else float(sigma)  # scales then go into the directions
     antithetic = estimator == "antithetic"
     signs = 2 if antithetic else 1
     batch = x.shape[0]
