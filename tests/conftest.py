@@ -94,6 +94,15 @@ def _idx(array: np.ndarray) -> bytes:
     return bytes([0, 0, 0x08, array.ndim]) + shape + array.astype(np.uint8).tobytes()
 
 
+def _write_tiny_mnist(folder: Path) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in [("train", 64), ("t10k", 16)]:
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (n, 28, 28))))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(np.arange(n) % 10))
+    return folder
+
+
 @pytest.fixture
 def tiny_mnist(tmp_path) -> Path:
     """A folder holding a valid MNIST-format dataset of 64 training and 16 test images of noise.
@@ -101,13 +110,14 @@ def tiny_mnist(tmp_path) -> Path:
     For tests of the command line that need a dataset but not a real one; pass
     ``--data.init_args.val_size 16`` or less with it.
     """
-    folder = tmp_path / "tiny_mnist"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in [("train", 64), ("t10k", 16)]:
-        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(rng.integers(0, 256, (n, 28, 28))))
-        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(np.arange(n) % 10))
-    return folder
+    return _write_tiny_mnist(tmp_path / "tiny_mnist")
+
+
+@pytest.fixture(scope="module")
+def tiny_mnist_module(tmp_path_factory) -> Path:
+    """The :func:`tiny_mnist` folder once per test module, for module-scoped fixtures (a model
+    trained once); tests must not change its files."""
+    return _write_tiny_mnist(tmp_path_factory.mktemp("data") / "tiny_mnist")
 
 
 @pytest.fixture(scope="module")

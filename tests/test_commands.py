@@ -76,11 +76,13 @@ def test_test_subcommand_reports_test_accuracy(tmp_path, monkeypatch, fashion_di
 
 
 def test_bad_config_value_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    # more in tests/test_cli_errors.py
     monkeypatch.chdir(tmp_path)
     config = ROOT / "configs" / "fashion_mlp_zo_nesterov.yaml"
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(config), "--model.init_args.num_pairs", "many"])
-    assert "num_pairs" in capsys.readouterr().err
+    line = _fails_in_one_line(capsys, ["fit", "--config", str(config),
+                                       "--model.init_args.num_pairs", "many"])
+    assert line == ("robusttrain fit: error: option --model.init_args.num_pairs expects int, got "
+                    "'many'")
 
 
 def test_environment_does_not_leak_shared_paths():

@@ -22,7 +22,7 @@ MODULE_ORDER = {
     "noise": ["seeds", "weight", "deployment"],
     "zo": ["perturbations", "coefficients", "arguments", "estimators", "population", "parallel"],
     "training": ["checkpoints", "divergence", "base", "backprop", "zeroth_order", "noise_injection",
-                 "quantization_aware", "modules", "predict", "lightning_cli"],
+                 "quantization_aware", "modules", "predict", "option_errors", "lightning_cli"],
     "evaluation": ["statistics", "robustness", "report", "deployment", "attack", "zo_l2l"],
     "comparison": ["config", "report", "evaluation_cache", "runner", "deployment"],
     "commands": ["errors", "robustness", "compare", "attack", "meta_train", "main"],

@@ -9,11 +9,10 @@ comparison, :mod:`robusttrain.comparison.deployment`) writes its results to
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from robusttrain.commands.errors import USAGE_ERROR, one_line_error
+from robusttrain.commands.errors import USAGE_ERROR, OneLineParser, UsageError, one_line_error
 from robusttrain.comparison.config import CompareConfigError, load_config
 from robusttrain.comparison.deployment import (
     DeploymentCompareConfig,
@@ -37,11 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         file, a method's arguments; see :mod:`robusttrain.commands.errors`), after printing one
         line to stderr.
     """
-    parser = argparse.ArgumentParser(prog="robusttrain compare", description=DESCRIPTION)
+    parser = OneLineParser(prog="robusttrain compare", description=DESCRIPTION)
     parser.add_argument("--config", required=True, help="comparison YAML file")
     parser.add_argument("--out", help="output folder (default experiments/results/<name>)")
     parser.add_argument("--device", default="cpu", help="device for the robustness evaluation")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        print(f"robusttrain compare: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
     deployment = is_deployment_config(args.config)
     try:
         cfg = load_deployment_config(args.config) if deployment else load_config(args.config)

@@ -4,7 +4,11 @@ Bad input that robusttrain anticipates ends a command with one line on stderr th
 or the parameter and the fix, and exit code :data:`USAGE_ERROR`:
 
 * :class:`~robusttrain.data.DatasetError` — a dataset file missing, truncated or corrupt;
-* :class:`~robusttrain.training.CheckpointError` — a checkpoint path that is not a usable file;
+* :class:`~robusttrain.training.CheckpointError` — a checkpoint path that is not a usable file
+  (missing, empty, cut short, foreign; the line names a whole checkpoint beside it);
+* :class:`~robusttrain.training.OptionError` — an unknown option or config key of ``fit``,
+  ``validate``, ``test``, ``predict`` (the line names the closest valid ones) or a value of the
+  wrong type; :class:`OneLineParser` does the same for the other subcommands' options;
 * :class:`~robusttrain.zo.NonFiniteLossError` and :class:`~robusttrain.training.DivergenceError` —
   training diverged (the message names the step and the setting to lower);
 * a ``ValueError`` raised by the argument checks in the ``__init__`` of a robusttrain class (a
@@ -24,13 +28,14 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
 
 from robusttrain.data import DatasetError
-from robusttrain.training import CheckpointError, DivergenceError
+from robusttrain.training import CheckpointError, DivergenceError, OptionError
+from robusttrain.training.option_errors import close_matches
 from robusttrain.zo import NonFiniteLossError
 
 __all__ = ["USAGE_ERROR", "OneLineParser", "UsageError", "one_line_error", "run_in_one_line"]
@@ -44,9 +49,27 @@ class UsageError(ValueError):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """``argparse`` that raises :class:`UsageError` (one line) instead of printing usage."""
+    """``argparse`` that raises :class:`UsageError` (one line) instead of printing usage.
+
+    An unknown option is named with the closest options the command has, and options are not
+    abbreviated (``--lev`` is not read as ``--levels``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            unknown = next((a for a in message.split()[2:] if a.startswith("-")), None)
+            if unknown is not None:
+                name = unknown.split("=", 1)[0]
+                options = [o for o in self._option_string_actions
+                           if o.startswith("--") and o != "--help"]
+                close = close_matches(name, options)
+                hint = (f"did you mean {' or '.join(close)}?" if close
+                        else f"the options are {', '.join(options)}")
+                raise UsageError(f"unknown option {name}; {hint} (see --help)")
         raise UsageError(f"{message} (see --help)")
 
 
@@ -62,7 +85,7 @@ def run_in_one_line(prog: str, parser: argparse.ArgumentParser,
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
-_OWN_ERRORS = (DatasetError, CheckpointError, NonFiniteLossError, DivergenceError)
+_OWN_ERRORS = (DatasetError, CheckpointError, OptionError, NonFiniteLossError, DivergenceError)
 
 
 def one_line_error(err: BaseException) -> str | None:

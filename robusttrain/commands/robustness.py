@@ -122,7 +122,7 @@ def _trained_deployment(paths: list[str]) -> Deployment:
     """``--deployment trained``: the one deployment every checkpoint was trained for."""
     found = []
     for path in paths:
-        steps = load_checkpoint(path).meta.get("deployment")
+        steps = load_checkpoint(path, option="--ckpt").meta.get("deployment")
         if not steps:
             raise UsageError(f"--deployment trained: {path} was not trained for a deployment; "
                               "name one (a preset or a YAML file)")
@@ -144,7 +144,7 @@ def checkpoints_and_data(
     Raises:
         UsageError: a checkpoint without data settings, or checkpoints of different datasets.
     """
-    loaded = [load_checkpoint(p) for p in paths]
+    loaded = [load_checkpoint(p, option="--ckpt") for p in paths]
     data = {k: v for k, v in loaded[0].data.items() if not k.startswith("_")}
     if "dataset" not in data:
         raise UsageError(f"{paths[0]} holds no data settings (no 'dataset' in "

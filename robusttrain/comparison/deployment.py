@@ -74,12 +74,11 @@ from robusttrain.comparison.evaluation_cache import (
     kept_path,
     tensor_digest,
 )
-from robusttrain.comparison.runner import train_run
+from robusttrain.comparison.runner import load_run_checkpoint, train_run
 from robusttrain.evaluation.deployment import evaluate_deployment
 from robusttrain.evaluation.report import save_figure
 from robusttrain.files import write_atomic
 from robusttrain.noise.deployment import Deployment, parse_deployment
-from robusttrain.training.checkpoints import load_checkpoint
 
 if TYPE_CHECKING:
     from matplotlib.artist import Artist
@@ -286,7 +285,7 @@ def run_deployment_comparison(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = train_all(cfg, out)
-    backbones = {key: load_checkpoint(out / r["checkpoint"]).backbone.to(device)
+    backbones = {key: load_run_checkpoint(out / r["checkpoint"]).backbone.to(device)
                  for key, r in results.items()}
     module, _, cls = cfg.data["class_path"].rpartition(".")
     dm = getattr(importlib.import_module(module), cls)(**(cfg.data.get("init_args") or {}))

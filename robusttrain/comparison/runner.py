@@ -50,10 +50,14 @@ from robusttrain.comparison.report import (
 )
 from robusttrain.evaluation import RobustnessResult, evaluate_models, write_report
 from robusttrain.files import write_atomic
-from robusttrain.training.checkpoints import load_checkpoint
+from robusttrain.training.checkpoints import (
+    LoadedCheckpoint,
+    check_checkpoint_file,
+    load_checkpoint,
+)
 from robusttrain.training.lightning_cli import make_cli
 
-__all__ = ["run_comparison", "train_run"]
+__all__ = ["load_run_checkpoint", "run_comparison", "train_run"]
 
 # Forward-pass equivalents per training step, the usual accounting: a backward pass costs about two
 # forwards, so one backprop step is 3; a zeroth-order step is 2N perturbed forwards plus one clean
@@ -126,6 +130,8 @@ def train_run(
     earlier = json.loads(progress_path.read_text())["seconds"] if progress_path.is_file() else 0.0
     args = _fit_args(cfg, method, variant, seed, run_dir)
     resumed = "ckpt_path" in args
+    if resumed:
+        check_checkpoint_file(args["ckpt_path"], advice=_resume_advice)
     print(f"[compare] {'resuming' if resumed else 'training'} {label} seed {seed}")
     start = time.perf_counter()
     ckpt_path = args.pop("ckpt_path", None)
@@ -161,6 +167,24 @@ def train_run(
     return result
 
 
+def _resume_advice(sibling: Path | None) -> str:
+    advice = "delete it and run compare again to train that run from the start"
+    if sibling is not None:
+        advice += f", or copy {sibling.name} beside it over it to resume from the step it holds"
+    return advice
+
+
+def load_run_checkpoint(path: Path) -> LoadedCheckpoint:
+    """The final checkpoint of a trained run (``<run>/checkpoints/last.ckpt``).
+
+    Raises:
+        CheckpointError: the file is damaged; the message says to delete the run folder, so that
+            the next compare trains that run again.
+    """
+    run_dir = path.parent.parent
+    return load_checkpoint(path, advice=lambda _: f"delete the run folder {run_dir} and run "
+                                                  "compare again to train that run again")
+
 
 def run_comparison(
     cfg: CompareConfig, out: Path, device: str = "cpu", command: str | None = None
@@ -185,7 +209,7 @@ def run_comparison(
 
     models = {}
     for r in results:
-        loaded = load_checkpoint(out / r["checkpoint"])
+        loaded = load_run_checkpoint(out / r["checkpoint"])
         key = f"{run_label(r)} seed{r['seed']}"
         models[key] = loaded.backbone.to(device)
         r["key"] = key

@@ -9,8 +9,11 @@
   (seeds, ``init_from``, frozen BatchNorm/dropout). In configs: ``robusttrain.training.Classifier``
   and so on (``robusttrain.training.modules.<Class>``, the former path, still imports).
 * :mod:`robusttrain.training.checkpoints` — :func:`load_checkpoint`: the trained backbone and its
-  data settings from a checkpoint, without executing code from it.
+  data settings from a checkpoint, without executing code from it; :func:`check_checkpoint_file`:
+  one line for a damaged or foreign checkpoint, naming a whole one beside it.
 * :mod:`robusttrain.training.predict` — :class:`PredictionWriter`, the CSV of ``robusttrain predict``.
+* :mod:`robusttrain.training.option_errors` — :class:`OptionError`: one line for a mistyped option
+  or config key (with the closest valid ones) or a value of the wrong type.
 * :mod:`robusttrain.training.lightning_cli` — :class:`RobustTrainCLI` and :func:`make_cli`, the
   LightningCLI of ``robusttrain fit|validate|test|predict``, also used to train comparison runs.
 """
@@ -24,11 +27,13 @@ from robusttrain.training.checkpoints import (
     CheckpointError,
     CheckpointWriteError,
     LoadedCheckpoint,
+    check_checkpoint_file,
     load_checkpoint,
 )
 from robusttrain.training.divergence import DivergenceError, DivergenceGuard
 from robusttrain.training.lightning_cli import RobustTrainCLI, make_cli
 from robusttrain.training.noise_injection import NoiseInjectionClassifier
+from robusttrain.training.option_errors import OptionError
 from robusttrain.training.predict import PredictionWriter
 from robusttrain.training.quantization_aware import QuantizationAwareClassifier
 from robusttrain.training.zeroth_order import ZerothOrderClassifier
@@ -44,10 +49,12 @@ __all__ = [
     "DivergenceGuard",
     "LoadedCheckpoint",
     "NoiseInjectionClassifier",
+    "OptionError",
     "PredictionWriter",
     "QuantizationAwareClassifier",
     "RobustTrainCLI",
     "ZerothOrderClassifier",
+    "check_checkpoint_file",
     "frozen_stochastic_layers",
     "load_checkpoint",
     "make_cli",

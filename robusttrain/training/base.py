@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -111,7 +112,7 @@ def check_noise_level(noise: str | None, level: float | None, perturbation: str 
 def load_backbone_weights(backbone: nn.Module, path: str) -> None:
     """Copy the backbone weights of checkpoint ``path`` into ``backbone`` (``init_from``)."""
     try:
-        source = load_checkpoint(path).backbone
+        source = load_checkpoint(path, advice=_init_from_advice).backbone
     except CheckpointError as err:
         raise ValueError(f"init_from: {err}") from None
     try:
@@ -122,6 +123,12 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
             f"init_from: the backbone of {path} does not fit this run's backbone ({first}); "
             "start from a checkpoint of the same architecture"
         ) from None
+
+
+def _init_from_advice(sibling: Path | None) -> str:
+    if sibling is not None:
+        return f"{sibling.name} in the same folder is whole: set init_from to {sibling}"
+    return "set init_from to a checkpoint written by `robusttrain fit`"
 
 
 @contextlib.contextmanager

@@ -2,7 +2,10 @@
 
 :class:`BestAndLastCheckpoint` writes them during a run: ``best.ckpt`` by the monitored metric and
 ``last.ckpt``, always the latest state. The rest of this module reads them for evaluation, without
-executing code from them.
+executing code from them, and checks a checkpoint before Lightning resumes from it
+(:func:`check_checkpoint_file`): an empty, cut short, foreign or non-checkpoint file ends in one
+line (:class:`CheckpointError`) that names the file, what is wrong, and a whole checkpoint in the
+same folder to use instead.
 
 Every trainer of :mod:`robusttrain.training` writes a ``robusttrain`` entry into
 its checkpoints: the format number (:data:`CHECKPOINT_FORMAT`), the training method, the
@@ -13,6 +16,10 @@ returns the data settings the run was trained with (``datamodule_hyper_parameter
 
 from __future__ import annotations
 
+import pickle
+import re
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +41,10 @@ __all__ = [
     "CheckpointError",
     "CheckpointWriteError",
     "LoadedCheckpoint",
+    "check_checkpoint_file",
+    "checkpoint_problem",
     "load_checkpoint",
+    "whole_sibling",
 ]
 
 CHECKPOINT_FORMAT = 1
@@ -202,36 +212,195 @@ class LoadedCheckpoint:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
+# what to do about an unusable checkpoint, given the whole checkpoint found beside it (or None)
+Advice = Callable[[Path | None], str]
+
+# the temporary file of :func:`robusttrain.files.atomic_file`: ``.last.ckpt.k2j3x_9a.part``
+_UNFINISHED = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.part")
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """What makes ``path`` unusable as a robusttrain checkpoint, or None when it is one.
+
+    Only the file's pickled index is read (``torch.load(weights_only=True, mmap=True)``): its
+    tensors are mapped, not read, so checking a large checkpoint costs little.
+
+    Args:
+        path: the file to look at.
+
+    Returns:
+        None for a whole robusttrain checkpoint of this format; else the rest of a sentence that
+        starts with the file's name: "is empty (...)", "is cut short (...)", "is a text file ...",
+        "is not a robusttrain checkpoint (...)", ...
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> (folder / "notes.ckpt").write_text("epoch 3: 91%")
+        12
+        >>> checkpoint_problem(folder / "notes.ckpt")
+        "is a text file, not a checkpoint (it starts 'epoch 3: 91%')"
+        >>> torch.save({"state_dict": {}}, folder / "plain.ckpt")
+        >>> checkpoint_problem(folder / "plain.ckpt")
+        "is not a robusttrain checkpoint (no 'robusttrain' entry; its entries: state_dict)"
+        >>> import shutil
+        >>> shutil.rmtree(folder)
+    """
+    try:
+        _read(Path(path), mmap=True)
+    except _Unusable as err:
+        return str(err)
+    return None
+
+
+def whole_sibling(path: str | Path) -> Path | None:
+    """A whole robusttrain checkpoint in the folder of ``path``, other than ``path``; None if none.
+
+    ``last.ckpt`` is tried first, then ``best.ckpt``, then the other ``.ckpt`` files, newest first.
+    """
+    path = Path(path)
+    try:
+        others = [p for p in path.parent.glob("*.ckpt") if p.name != path.name and p.is_file()]
+    except OSError:
+        return None
+    order = {"last.ckpt": 0, "best.ckpt": 1}
+    others.sort(key=lambda p: (order.get(p.name, 2), -p.stat().st_mtime))
+    return next((p for p in others[:8] if checkpoint_problem(p) is None), None)
+
+
+def check_checkpoint_file(
+    path: str | Path, option: str | None = None, advice: Advice | None = None
+) -> None:
+    """Stop with one line unless ``path`` is a whole robusttrain checkpoint of this format.
+
+    For the entry points that hand a checkpoint to Lightning (``--ckpt_path``, a comparison run
+    resumed from its ``last.ckpt``): Lightning's own loader ends a damaged file in a traceback
+    from inside torch. Only the pickled index is read (:func:`checkpoint_problem`).
+
+    Args:
+        path: the checkpoint.
+        option: how the user gave it (``--ckpt_path``), named in the message with the path.
+        advice: what to do, given a whole checkpoint in the same folder (:func:`whole_sibling`) or
+            None; by default "pass <option> <that checkpoint>", else "pass a checkpoint written
+            by `robusttrain fit`".
+
+    Raises:
+        CheckpointError: one line naming the file, what is wrong with it, what to do, and any
+            unfinished write (``.last.ckpt.*.part``) left beside it.
+    """
+    _read_or_raise(Path(path), option, advice, mmap=True)
+
+
+class _Unusable(Exception):
+    """What is wrong with a file read as a checkpoint (the rest of a sentence about it)."""
+
+
+def _read_or_raise(
+    path: Path, option: str | None, advice: Advice | None, mmap: bool
+) -> dict[str, Any]:
+    try:
+        return _read(path, mmap)
+    except _Unusable as err:
+        problem = str(err)
+    sibling = whole_sibling(path)
+    if advice is None:
+        use = f"pass {option} {sibling}" if option else f"use {sibling}"
+        todo = (f"{sibling.name} in the same folder is whole: {use}" if sibling is not None else
+                "pass a checkpoint written by `robusttrain fit` "
+                "(runs/<name>/version_<k>/checkpoints/last.ckpt)")
+    else:
+        todo = advice(sibling)
+    message = f"{option or 'checkpoint'} {path} {problem}; {todo}"
+    unfinished = sorted(path.parent.glob(f".{path.name}.*.part")) if path.name else []
+    if unfinished:
+        message += (f" ({unfinished[0].name} beside it is an unfinished write of {path.name} "
+                    "left by a run stopped while saving, not a checkpoint: delete it)")
+    raise CheckpointError(" ".join(message.split()))
+
+
+def _read(path: Path, mmap: bool) -> dict[str, Any]:
+    """The checkpoint at ``path`` (weights only); raises :class:`_Unusable` saying what is wrong."""
+    if not path.exists():
+        raise _Unusable("does not exist")
+    if not path.is_file():
+        raise _Unusable("is not a file")
+    unfinished = _UNFINISHED.fullmatch(path.name)
+    if unfinished:
+        raise _Unusable(f"is an unfinished write of {unfinished['name']} (the temporary file of a "
+                        "run stopped while saving), not a checkpoint")
+    size = path.stat().st_size
+    if size == 0:
+        raise _Unusable("is empty (0 bytes)")
+    with path.open("rb") as f:
+        head = f.read(64)
+    archive = head.startswith(b"PK\x03\x04")  # torch.save's zip format
+    if archive and not zipfile.is_zipfile(path):
+        raise _Unusable(f"is cut short ({size} bytes, its end missing: a write or a copy that "
+                        "stopped early leaves such a file)")
+    if not archive and not head.startswith(b"\x80"):  # nor a pickle (torch's legacy format)
+        text = _text_start(head)
+        if text is not None:
+            raise _Unusable(f"is a text file, not a checkpoint (it starts {text!r})")
+        raise _Unusable("is not a checkpoint (not a file written by torch.save)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and archive)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():
+            raise _Unusable("is not a robusttrain checkpoint (it holds Python objects besides "
+                            "tensors and settings, as other programs' checkpoints do; robusttrain "
+                            "does not run code from a checkpoint)") from None
+        raise _Unusable(f"is damaged (torch cannot read it: {_first_line(err)})") from None
+    except Exception as err:  # noqa: BLE001 - any failure here means a damaged file
+        raise _Unusable(f"is damaged (torch cannot read it: {_first_line(err)})") from None
+    if not isinstance(checkpoint, dict):
+        raise _Unusable(f"is not a robusttrain checkpoint (it holds a {type(checkpoint).__name__}, "
+                        "not a checkpoint's entries)")
+    if not isinstance(checkpoint.get("robusttrain"), dict):
+        if "pytorch-lightning_version" in checkpoint:
+            raise _Unusable("is not a robusttrain checkpoint (a Lightning checkpoint of another "
+                            "program: no 'robusttrain' entry)")
+        keys = ", ".join(str(k) for k in list(checkpoint)[:5]) or "none"
+        raise _Unusable(f"is not a robusttrain checkpoint (no 'robusttrain' entry; its entries: "
+                        f"{keys})")
+    found = checkpoint["robusttrain"].get("format")
+    if found != CHECKPOINT_FORMAT:
+        raise _Unusable(f"has checkpoint format {found!r}; this robusttrain reads format "
+                        f"{CHECKPOINT_FORMAT}")
+    return checkpoint
+
+
+def _text_start(head: bytes) -> str | None:
+    """The first line of ``head`` when it reads as text, else None."""
+    text = head.decode("utf-8", errors="ignore").strip()
+    if not text or any(not c.isprintable() and c not in "\t\r\n" for c in text):
+        return None
+    return text.splitlines()[0][:40]
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def load_checkpoint(
+    path: str | Path, option: str | None = None, advice: Advice | None = None
+) -> LoadedCheckpoint:
     """Rebuild the trained backbone of a robusttrain checkpoint without executing code from it.
 
     The file is read with ``torch.load(weights_only=True)``, and the backbone class must be one of
     :mod:`robusttrain.models`.
 
+    Args:
+        path: the checkpoint.
+        option, advice: how the file was given and what to do if it is unusable, as in
+            :func:`check_checkpoint_file`.
+
     Raises:
-        CheckpointError: the file is missing, unreadable, or not a robusttrain checkpoint.
+        CheckpointError: the file is missing, damaged, or not a robusttrain checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means "not a usable checkpoint"
-        raise CheckpointError(
-            f"{path} is not a readable weights-only checkpoint ({type(err).__name__}); "
-            "pass a .ckpt written by `robusttrain fit`"
-        ) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("robusttrain"), dict):
-        raise CheckpointError(
-            f"{path} is not a robusttrain checkpoint (no 'robusttrain' entry); "
-            "pass a .ckpt written by `robusttrain fit`"
-        )
+    checkpoint = _read_or_raise(path, option, advice, mmap=False)
     meta = dict(checkpoint["robusttrain"])
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} has checkpoint format {meta.get('format')!r}; this robusttrain reads "
-            f"format {CHECKPOINT_FORMAT}"
-        )
     try:
         backbone = build_backbone(meta.get("backbone"))
     except (TypeError, ValueError) as err:

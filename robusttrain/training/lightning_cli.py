@@ -16,15 +16,23 @@ replaces only that folder. ``--predictions.path``
 
 from __future__ import annotations
 
+import sys
+from argparse import ArgumentError
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from robusttrain.data import ImageDataModule
 from robusttrain.training.backprop import Classifier
-from robusttrain.training.checkpoints import BestAndLastCheckpoint, CheckpointError
+from robusttrain.training.checkpoints import (
+    BestAndLastCheckpoint,
+    CheckpointError,
+    check_checkpoint_file,
+)
 from robusttrain.training.divergence import DivergenceGuard
+from robusttrain.training.option_errors import OptionError, explain_parse_error
 from robusttrain.training.predict import PredictionWriter
 
 __all__ = ["RUNS_DIR", "RobustTrainCLI", "make_cli"]
@@ -52,6 +60,14 @@ class RobustTrainCLI(LightningCLI):
             }
         )
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser, raising its errors (explained by :meth:`parse_arguments`) and taking
+        no abbreviated options: argparse would read ``--trainer.max_epoch 3`` as
+        ``--trainer.max_epochs 3``."""
+        kwargs.setdefault("exit_on_error", False)
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` when given, else the command line, without Lightning's warning.
 
@@ -59,11 +75,25 @@ class RobustTrainCLI(LightningCLI):
         a script that forgets which one it meant. robusttrain passes ``args`` only on purpose: the
         comparison builds each run from its own ``fit_config.yaml`` while ``sys.argv`` holds
         ``compare --config ...``, so the warning would print once per trained run and say nothing.
+
+        Raises:
+            OptionError: an unknown option or config key, or a value of the wrong type, in one
+                line (:func:`~robusttrain.training.option_errors.explain_parse_error`).
         """
-        if isinstance(args, (dict, Namespace)):
-            self.config = parser.parse_object(args)
-        else:
-            self.config = parser.parse_args(args)
+        try:
+            if isinstance(args, (dict, Namespace)):
+                self.config = parser.parse_object(args)
+            else:
+                self.config = parser.parse_args(args)
+        except ArgumentError as err:
+            argv = None if isinstance(args, (dict, Namespace)) else list(
+                sys.argv[1:] if args is None else args)
+            raise OptionError(explain_parse_error(str(err), self._failed_parser(argv), argv)) from None
+
+    def _failed_parser(self, argv: list[str] | None) -> LightningArgumentParser:
+        """The parser whose options a failed command line was checked against: its subcommand's."""
+        subcommands = getattr(self, "_subcommand_parsers", {})
+        return next((subcommands[a] for a in argv or [] if a in subcommands), self.parser)
 
     def _parse_ckpt_path(self) -> None:
         # The model's settings come from --config; a checkpoint holds only part of them (its
@@ -77,13 +107,18 @@ class RobustTrainCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is None:
             return
-        _check_ckpt_path(str(ckpt_path))
+        _check_ckpt_path(str(ckpt_path), self.subcommand)
         if self.subcommand in ("validate", "test", "predict"):
             _log_beside_run(config, self.subcommand, Path(ckpt_path))
 
 
-def _check_ckpt_path(ckpt_path: str) -> None:
-    """Fail before anything is built when ``--ckpt_path`` names no file."""
+def _check_ckpt_path(ckpt_path: str, subcommand: str) -> None:
+    """Fail in one line before anything is built when ``--ckpt_path`` names no usable checkpoint.
+
+    Lightning's loader ends an empty, cut short or foreign file in a traceback from inside torch;
+    :func:`check_checkpoint_file` reads only the file's index, so the checkpoint is not loaded
+    twice.
+    """
     if ckpt_path in _CKPT_KEYWORDS or ckpt_path.lower().startswith("registry:") or "://" in ckpt_path:
         return  # resolved by Lightning (a keyword, its model registry, a remote file system)
     if not Path(ckpt_path).is_file():
@@ -91,6 +126,16 @@ def _check_ckpt_path(ckpt_path: str) -> None:
             f"--ckpt_path {ckpt_path} is not a file; pass a checkpoint written by `robusttrain "
             "fit`, e.g. runs/<name>/version_<k>/checkpoints/last.ckpt"
         )
+
+    def advice(sibling: Path | None) -> str:
+        if sibling is not None:
+            verb = "resume from it" if subcommand == "fit" else "use it"
+            return f"{sibling.name} in the same folder is whole: {verb} with --ckpt_path {sibling}"
+        if subcommand == "fit":
+            return "no other checkpoint in its folder is whole: start the run again without --ckpt_path"
+        return "pass a checkpoint written by `robusttrain fit`"
+
+    check_checkpoint_file(ckpt_path, option="--ckpt_path", advice=advice)
 
 
 def _log_beside_run(config: Namespace, subcommand: str, ckpt: Path) -> None:
