@@ -69,8 +69,7 @@ import yaml
 from robusttrain.comparison.config import CompareConfig, CompareConfigError, MethodSpec
 from robusttrain.comparison.evaluation_cache import (
     file_digest,
-    keep,
-    kept,
+    kept_or_evaluate,
     kept_path,
     tensor_digest,
 )
@@ -345,15 +344,14 @@ def _evaluate_kept(
     key = {"evaluation": "deployment", "model": name, "target": target,
            "deployment": dep.to_list(), "checkpoint_sha256": file_digest(checkpoint),
            "data_sha256": data_digest, **settings}
-    value = kept(path, key)
-    if value is None:
-        print(f"[compare] evaluating {name} through {target}")
+
+    def evaluate() -> dict[str, Any]:
         one = evaluate_deployment({name: backbone}, x, y, dep, **settings)
-        value = {"rows": one.rows, "summary": one.summaries[name]}
-        keep(path, key, value)
-    else:
-        print(f"[compare] reusing the evaluation of {name} through {target} "
-              f"({path.relative_to(out)})")
+        return {"rows": one.rows, "summary": one.summaries[name]}
+
+    value = kept_or_evaluate(
+        path, key, evaluate, evaluating=f"evaluating {name} through {target}",
+        reusing=f"reusing the evaluation of {name} through {target} ({path.relative_to(out)})")
     return value
 
 

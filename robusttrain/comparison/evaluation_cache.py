@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 
 from robusttrain.files import write_atomic
 
-__all__ = ["FORMAT", "file_digest", "keep", "kept", "kept_path", "tensor_digest"]
+__all__ = ["FORMAT", "file_digest", "keep", "kept", "kept_or_evaluate", "kept_path", "tensor_digest"]
 
 # Part of every key: raise it when what an evaluation writes or computes changes, so that files
 # written by an older robusttrain are evaluated again rather than reused.
@@ -90,3 +90,25 @@ def keep(path: Path, key: Mapping[str, Any], value: Mapping[str, Any]) -> None:
     text = json.dumps({"key": {"format": FORMAT, **key}, "value": value}, indent=1,
                       ensure_ascii=False)
     write_atomic(path, text + "\n")
+
+
+def kept_or_evaluate(
+    path: Path, key: Mapping[str, Any], evaluate: Callable[[], dict[str, Any]], *,
+    evaluating: str, reusing: str,
+) -> dict[str, Any]:
+    """The value kept at ``path`` under ``key``, else ``evaluate()``, kept there at once.
+
+    Args:
+        path, key: where and under what the value is kept (:func:`kept`, :func:`keep`).
+        evaluate: computes the value when none is kept under ``key``.
+        evaluating, reusing: the line printed (after ``[compare] ``) before evaluating, or when
+            the kept value is used.
+    """
+    value = kept(path, key)
+    if value is not None:
+        print(f"[compare] {reusing}")
+        return value
+    print(f"[compare] {evaluating}")
+    value = evaluate()
+    keep(path, key, value)
+    return value

@@ -36,8 +36,7 @@ import yaml
 from robusttrain.comparison.config import CompareConfig, MethodSpec, Variant, init_parameters
 from robusttrain.comparison.evaluation_cache import (
     file_digest,
-    keep,
-    kept,
+    kept_or_evaluate,
     kept_path,
     tensor_digest,
 )
@@ -266,15 +265,16 @@ def _evaluate_runs(
         key = {"evaluation": "robustness", "model": name,
                "checkpoint_sha256": file_digest(checkpoint), "data_sha256": data_digest,
                **settings}
-        value = kept(path, key)
-        if value is None:
-            print(f"[compare] evaluating {name} under {settings['noise']} noise")
+
+        def evaluate(name: str = name) -> dict[str, Any]:
             one = evaluate_models({name: models[name]}, x, y, progress=True, **settings)
-            value = {"settings": one.settings, "rows": one.rows, "summary": one.summaries[name]}
-            keep(path, key, value)
-        else:
-            print(f"[compare] reusing the {settings['noise']}-noise evaluation of {name} "
-                  f"({path.relative_to(out)})")
+            return {"settings": one.settings, "rows": one.rows, "summary": one.summaries[name]}
+
+        value = kept_or_evaluate(
+            path, key, evaluate,
+            evaluating=f"evaluating {name} under {settings['noise']} noise",
+            reusing=(f"reusing the {settings['noise']}-noise evaluation of {name} "
+                     f"({path.relative_to(out)})"))
         merged.settings = value["settings"]
         merged.rows.extend(value["rows"])
         merged.summaries[name] = value["summary"]
