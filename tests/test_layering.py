@@ -20,7 +20,8 @@ LAYERS = ["files", "data", "models", "noise", "zo", "training", "evaluation", "c
 MODULE_ORDER = {
     "data": ["formats", "sources", "datamodules"],
     "noise": ["seeds", "weight", "deployment"],
-    "zo": ["perturbations", "coefficients", "arguments", "estimators", "population", "parallel"],
+    "zo": ["perturbations", "coefficients", "arguments", "estimators", "node", "population",
+           "parallel"],
     "training": ["checkpoints", "divergence", "base", "backprop", "zeroth_order", "noise_injection",
                  "quantization_aware", "modules", "predict", "option_errors", "lightning_cli"],
     "evaluation": ["statistics", "robustness", "report", "deployment", "attack", "zo_l2l"],

@@ -247,3 +247,62 @@ def test_population_true_on_batchnorm_in_training_mode_says_why(tmp_path):
     trainer(tmp_path, max_steps=1, enable_checkpointing=False, limit_val_batches=0).fit(
         auto, DataLoader(TensorDataset(x, y), batch_size=8))
     assert auto.global_step == 1
+
+
+def test_node_perturbation_learns_blobs_and_resumes_exactly(tmp_path):
+    # node perturbation (the Rao–Blackwellized per-example weight noise) through the module: it
+    # learns, counts 2N member passes + 1 clean per step, and a resumed run continues bit for bit
+    train, val = loaders()
+
+    def run(name, max_epochs, ckpt=None):
+        torch.manual_seed(0)
+        model = ZerothOrderClassifier(
+            MLP(8, [16], 3), optimizer=sgd(0.05, momentum=0.9), sigma=0.01, num_pairs=2,
+            perturbation="node",
+        )
+        t = trainer(tmp_path / name, max_epochs=max_epochs, enable_checkpointing=False)
+        t.fit(model, train, val, ckpt_path=ckpt)
+        return t, model
+
+    t, model = run("full", 5)
+    assert t.callback_metrics["val/acc"] > 0.9
+    assert model._forward_passes == 5 * 6 * (2 * 2 + 1)
+    first, _ = run("first", 2)
+    first.save_checkpoint(tmp_path / "epoch2.ckpt")
+    _, resumed = run("resumed", 5, ckpt=tmp_path / "epoch2.ckpt")
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(fitness_shaping=True), "fitness_shaping"),
+    (dict(batch_mode="split"), "batch_mode"),
+    (dict(estimator="one_sided"), "antithetic"),
+    (dict(parallel="population"), "parallel"),
+    (dict(population=True), "population"),
+    (dict(orthogonal=True), "orthogonal directions are for"),
+    (dict(deployment="int4"), "deployment"),
+])
+def test_node_perturbation_refuses_what_it_cannot_take(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ZerothOrderClassifier(MLP(8, [16], 3), perturbation="node", **bad)
+
+
+def test_node_perturbation_names_an_unsupported_backbone():
+    with pytest.raises(ValueError, match="LayerNorm holds trainable parameters"):
+        ZerothOrderClassifier(nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4), nn.Linear(4, 3)),
+                              num_classes=3, perturbation="node")
+
+
+@pytest.mark.parametrize("population", [False, True])
+def test_orthogonal_directions_learn_blobs_on_both_paths(tmp_path, population):
+    train, val = loaders()
+    torch.manual_seed(0)
+    model = ZerothOrderClassifier(
+        MLP(8, [16], 3), optimizer=sgd(0.02, momentum=0.9, nesterov=True), sigma=0.01,
+        num_pairs=16, orthogonal=True, population=population,
+    )
+    t = trainer(tmp_path, max_epochs=5, enable_checkpointing=False)
+    t.fit(model, train, val)
+    assert t.callback_metrics["val/acc"] > 0.9
+    assert model.robusttrain_meta()["orthogonal"] is True

@@ -32,6 +32,7 @@ from robusttrain.zo.coefficients import (
     fitness_shaping_name,
 )
 from robusttrain.zo.estimators import estimate_smoothed_grad
+from robusttrain.zo.node import node_smoothed_grad, node_unsupported_reason
 from robusttrain.zo.parallel import (
     PARALLEL_MODES,
     all_gather_rows,
@@ -75,10 +76,18 @@ class ZerothOrderClassifier(Classifier):
         fitness_shaping: transform the losses before weighting the directions: ``false``/``none``
             (default, unbiased for ∇L_σ), ``true``/``centered_ranks`` or ``zscore`` (scale-free
             steps; see :func:`robusttrain.zo.coefficients.pair_coefficients`).
-        perturbation: ``"gaussian"`` (default: exact Gaussian smoothing) or ``"lowrank"``
+        perturbation: ``"gaussian"`` (default: exact Gaussian smoothing), ``"lowrank"``
             (rank-``rank`` directions on Linear/Conv weights, EGGROLL; see
-            :mod:`robusttrain.zo.perturbations`).
+            :mod:`robusttrain.zo.perturbations`) or ``"node"``: the same Gaussian weight noise,
+            drawn for every example on its own and Rao–Blackwellized onto what its losses see
+            (:mod:`robusttrain.zo.node`; unbiased for the same ∇L_σ, far lower variance).
+            ``num_pairs`` is then the pairs per example; networks of Linear/Conv2d layers only;
+            antithetic, ``batch_mode: shared``, no fitness shaping, no deployment.
         rank: r of the low-rank directions.
+        orthogonal: draw the N directions of a step as one block made orthogonal, each with a
+            chi-distributed length (Choromanski et al. 2018): every direction keeps the law of
+            its family, so the same L_σ, with less variance when N is a sizeable fraction of the
+            number of parameters (docs/theory.md §15). Gaussian and low-rank.
         batch_mode: ``"shared"`` (every pair sees the whole batch) or ``"split"`` (pair i sees
             its own ⌊B/N⌋ examples, so a step costs about two forward passes of the batch
             whatever N is; antithetic only).
@@ -129,8 +138,9 @@ class ZerothOrderClassifier(Classifier):
         num_pairs: int = 16,
         estimator: Literal["antithetic", "one_sided", "plain"] = "antithetic",
         fitness_shaping: bool | Literal["none", "centered_ranks", "zscore"] = False,
-        perturbation: Literal["gaussian", "lowrank"] = "gaussian",
+        perturbation: Literal["gaussian", "lowrank", "node"] = "gaussian",
         rank: int = 1,
+        orthogonal: bool = False,
         batch_mode: Literal["shared", "split"] = "shared",
         seed: int = 0,
         population: bool | None = None,
@@ -168,7 +178,18 @@ class ZerothOrderClassifier(Classifier):
             raise ValueError(f"sync_check_every must be an integer >= 0, got {sync_check_every!r}")
         if not isinstance(num_pairs, int) or num_pairs < 1:
             raise ValueError(f"num_pairs must be an integer >= 1, got {num_pairs}")
-        Perturbation(perturbation, rank)  # checks both, with a message naming the fix
+        if perturbation == "node":
+            _check_node_options(estimator, fitness_shaping, batch_mode, parallel,
+                                self.deployment is not None, population)
+            reason = node_unsupported_reason(backbone)
+            if reason is not None:
+                raise ValueError(f"perturbation 'node' cannot train {type(backbone).__name__}: "
+                                 f"{reason}")
+        else:
+            Perturbation(perturbation, rank, orthogonal)  # checks all three, naming the fix
+        if perturbation == "node" and orthogonal:
+            raise ValueError("orthogonal directions are for perturbation gaussian or lowrank; node "
+                             "perturbation draws each example's noise independently")
         fitness_shaping_name(fitness_shaping)
         if batch_mode not in BATCH_MODES:
             raise ValueError(f"batch_mode must be one of {', '.join(BATCH_MODES)}, got {batch_mode!r}")
@@ -183,6 +204,7 @@ class ZerothOrderClassifier(Classifier):
         self.fitness_shaping = fitness_shaping
         self.perturbation = perturbation
         self.rank = rank
+        self.orthogonal = orthogonal
         self.batch_mode = batch_mode
         self.population = population
         self.skip_nonfinite = skip_nonfinite
@@ -203,11 +225,12 @@ class ZerothOrderClassifier(Classifier):
                                 sigma=self.sigma)
 
     def _use_population(self) -> bool:
-        if self.population is False or self.deployment is not None:
+        if self.population is False or self.deployment is not None or self.perturbation == "node":
             return False
         if self.population is None:
             return choose_population(self.backbone, self.device, self.batch_mode)
-        reason = unsupported_reason(self.backbone, Perturbation(self.perturbation, self.rank))
+        reason = unsupported_reason(self.backbone,
+                                    Perturbation(self.perturbation, self.rank, self.orthogonal))
         if reason is not None:
             raise ValueError(
                 f"population=True cannot run {type(self.backbone).__name__}: {reason}. Use "
@@ -237,10 +260,14 @@ class ZerothOrderClassifier(Classifier):
             "fitness_shaping": self.fitness_shaping,
             "perturbation": self.perturbation,
             "rank": self.rank,
+            "orthogonal": self.orthogonal,
         }
         try:
             with frozen_stochastic_layers(self.backbone):
-                if self.parallel == "population":
+                if self.perturbation == "node":
+                    estimate = node_smoothed_grad(self.backbone, x, y, sigma=options["sigma"],
+                                                  num_pairs=self.num_pairs, seed=seed)
+                elif self.parallel == "population":
                     estimate = self._population_parallel_estimate(x, y, params, options)
                 elif self._use_population():
                     estimate = population_smoothed_grad(
@@ -289,7 +316,7 @@ class ZerothOrderClassifier(Classifier):
         start, stop = pair_share(self.num_pairs, self.trainer.world_size, self.trainer.global_rank)
         common = {"sigma": options["sigma"], "num_pairs": self.num_pairs, "seed": options["seed"],
                   "start": start, "stop": stop, "perturbation": self.perturbation,
-                  "rank": self.rank}
+                  "rank": self.rank, "orthogonal": self.orthogonal}
         rows = split_rows(x.shape[0], self.num_pairs, x.device) if self.batch_mode == "split" else None
         if stop == start:
             local = torch.empty(0, 2, dtype=torch.float64)
@@ -301,7 +328,8 @@ class ZerothOrderClassifier(Classifier):
         losses = gather_pair_losses(local, self.num_pairs)
         grads = rebuild_estimate(params, losses, sigma=options["sigma"], seed=options["seed"],
                                  fitness_shaping=self.fitness_shaping,
-                                 perturbation=self.perturbation, rank=self.rank)
+                                 perturbation=self.perturbation, rank=self.rank,
+                                 orthogonal=self.orthogonal)
         rows_per_member = x.shape[0] if rows is None else rows.shape[1]
         return SmoothedGradEstimate(
             grads, losses[:, 0], losses[:, 1], None, 2 * (stop - start),
@@ -370,7 +398,8 @@ class ZerothOrderClassifier(Classifier):
     def robusttrain_meta(self) -> dict[str, Any]:
         meta = super().robusttrain_meta()
         meta.update(sigma=self.sigma, num_pairs=self.num_pairs, estimator=self.estimator,
-                    perturbation=self.perturbation, rank=self.rank, batch_mode=self.batch_mode,
+                    perturbation=self.perturbation, rank=self.rank, orthogonal=self.orthogonal,
+                    batch_mode=self.batch_mode,
                     noise=self.noise, level=self.level)
         return meta
 
@@ -384,3 +413,25 @@ class ZerothOrderClassifier(Classifier):
         meta = checkpoint.get("robusttrain", {})
         self._forward_passes = float(meta.get("forward_passes", 0))
         self._skipped_steps = int(meta.get("skipped_steps", 0))
+
+
+def _check_node_options(estimator: str, fitness_shaping: bool | str, batch_mode: str,
+                        parallel: str, deployment: bool, population: bool | None) -> None:
+    """The settings node perturbation cannot take, each refused with the reason and the fix."""
+    problems = []
+    if estimator != "antithetic":
+        problems.append(f"estimator {estimator!r} (it is an antithetic estimator; use antithetic)")
+    if fitness_shaping_name(fitness_shaping) != "none":
+        problems.append(f"fitness_shaping {fitness_shaping!r} (its per-example coefficients are "
+                        "the raw loss differences; use false)")
+    if batch_mode != "shared":
+        problems.append(f"batch_mode {batch_mode!r} (every example already has its own draws; "
+                        "use shared)")
+    if parallel != "data":
+        problems.append(f"parallel {parallel!r} (use data)")
+    if deployment:
+        problems.append("a deployment (use perturbation gaussian or lowrank to train through one)")
+    if population:
+        problems.append("population: true (node perturbation has its own batched pass; use null)")
+    if problems:
+        raise ValueError("perturbation 'node' cannot take " + "; ".join(problems))

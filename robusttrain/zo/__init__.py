@@ -1,9 +1,13 @@
 """The zeroth-order machinery: gradients of the Gaussian-smoothed loss from forward passes only.
 
 * :mod:`robusttrain.zo.perturbations` — the families of random directions: exact Gaussian, and
-  low-rank A Bᵀ/√r on weight matrices and conv kernels (EGGROLL).
+  low-rank A Bᵀ/√r on weight matrices and conv kernels (EGGROLL); either independent or
+  orthogonal within a step (Choromanski et al. 2018).
 * :mod:`robusttrain.zo.estimators` — the antithetic, one-sided and plain estimators of ∇L_σ,
   perturbing the parameters in place and restoring them bit for bit.
+* :mod:`robusttrain.zo.node` — node perturbation: the same Gaussian weight noise drawn for every
+  example on its own and Rao–Blackwellized onto the layer outputs the losses see (Linear/Conv2d
+  networks); unbiased for the same ∇L_σ with variance set by the outputs, not the weights.
 * :mod:`robusttrain.zo.population` — the population engine: the same estimate for any network of
   Linear/Conv2d/norm layers, all perturbed members in one batched pass, every pair on the whole
   batch (``shared``) or on its own slice of it (``split``).
@@ -26,6 +30,7 @@ from robusttrain.zo.estimators import (
     pair_coefficients,
     smoothed_loss_grad,
 )
+from robusttrain.zo.node import node_smoothed_grad, node_unsupported_reason
 from robusttrain.zo.parallel import (
     PARALLEL_MODES,
     engine_pair_losses,
@@ -62,6 +67,8 @@ __all__ = [
     "estimate_smoothed_grad",
     "gather_pair_losses",
     "loop_pair_losses",
+    "node_smoothed_grad",
+    "node_unsupported_reason",
     "pair_coefficients",
     "pair_seed",
     "pair_share",

@@ -71,6 +71,7 @@ def estimate_smoothed_grad(
     fitness_shaping: bool | str = False,
     perturbation: str = "gaussian",
     rank: int = 1,
+    orthogonal: bool = False,
     pair_loss: bool = False,
 ) -> SmoothedGradEstimate:
     """The computation of :func:`smoothed_loss_grad`, returning the losses and forward count too.
@@ -82,7 +83,7 @@ def estimate_smoothed_grad(
     """
     params = list(params)
     check_estimator_args(params, sigma, num_pairs, seed, estimator)
-    family = Perturbation(perturbation, rank)
+    family = Perturbation(perturbation, rank, orthogonal)
     shaping = fitness_shaping_name(fitness_shaping)
     device = params[0].device
     sizes = [p.numel() for p in params]
@@ -100,9 +101,11 @@ def estimate_smoothed_grad(
     step = noise if sigma_flat is None else torch.empty_like(noise)
     step_views = noise_views if sigma_flat is None else [
         z.view(p.shape) for z, p in zip(step.split(sizes), params)]
-    # low-rank factors (A, B) of every pair are small: one block, drawn once (module docstring
-    # of robusttrain.zo.perturbations); a Gaussian z_i is drawn from its own seed into `noise`
-    block = family.draw_block(params, seed, num_pairs) if family.kind == "lowrank" else None
+    # low-rank factors (A, B) of every pair are small, and orthogonal directions are drawn
+    # together: one block, drawn once (module docstring of robusttrain.zo.perturbations; for
+    # orthogonal Gaussian directions it holds all N dense ones). An independent Gaussian z_i is
+    # drawn from its own seed into `noise`
+    block = family.draw_block(params, seed, num_pairs) if family.drawn_as_block else None
     accum = torch.zeros(total, device=device, dtype=torch.float32)  # Σ_i c_i z_i
     generator = torch.Generator(device=device)
     plus = torch.empty(num_pairs, dtype=torch.float64)
@@ -186,6 +189,7 @@ def smoothed_loss_grad(
     fitness_shaping: bool | str = False,
     perturbation: str = "gaussian",
     rank: int = 1,
+    orthogonal: bool = False,
     pair_loss: bool = False,
 ) -> list[torch.Tensor]:
     r"""Monte-Carlo estimate of ∇L_σ(θ), the gradient of the smoothed loss, from losses only.
@@ -228,6 +232,11 @@ def smoothed_loss_grad(
             (rank-``rank`` directions A Bᵀ/√r on tensors of two or more dimensions, Gaussian on
             the others; see :mod:`robusttrain.zo.perturbations`).
         rank: r of the low-rank family (default 1).
+        orthogonal: make the N directions of the estimate orthogonal in groups (Choromanski et
+            al. 2018): a Gaussian one stays exactly N(0, I), so the mean is unchanged, and the
+            variance is lower (for a linear loss: docs/theory.md §15); a low-rank one keeps mean 0
+            and identity covariance. Gaussian orthogonal directions are held as one (N, P) block,
+            N·P floats, during the estimate.
         pair_loss: call ``loss_fn(i)`` with the pair's index, so that each pair can use its own
             examples (both members of a pair must see the same ones); antithetic and plain only.
 
@@ -255,5 +264,6 @@ def smoothed_loss_grad(
     """
     return estimate_smoothed_grad(
         loss_fn, params, sigma=sigma, num_pairs=num_pairs, seed=seed, estimator=estimator,
-        fitness_shaping=fitness_shaping, perturbation=perturbation, rank=rank, pair_loss=pair_loss,
+        fitness_shaping=fitness_shaping, perturbation=perturbation, rank=rank, orthogonal=orthogonal,
+        pair_loss=pair_loss,
     ).grads

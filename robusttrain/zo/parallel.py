@@ -13,9 +13,11 @@ that knows the N antithetic loss pairs (L(θ+σz_i), L(θ−σz_i)) can rebuild 
    process, so every process takes the same optimizer step on its own copy of θ.
 
 Step 3 costs every process O(N·d) for Gaussian directions and O(N·(in + out)·r) per weight
-matrix for low-rank ones (docs/scaling.md). The same three steps in one process (W = 1) give the
-same numbers as W processes: with :func:`loop_pair_losses` every loss is one ordinary forward
-pass whatever process computes it, so a run ends bit for bit where the single-process run ends.
+matrix for low-rank ones (docs/scaling.md); orthogonal directions add the QR of the whole block on
+every process, O(d·N) more memory and O(d·N²) time for Gaussian ones (docs/theory.md §15).
+The same three steps in one process (W = 1) give the same numbers as W processes: with
+:func:`loop_pair_losses` every loss is one ordinary forward pass whatever process computes it, so
+a run ends bit for bit where the single-process run ends.
 """
 
 from __future__ import annotations
@@ -84,12 +86,15 @@ def loop_pair_losses(
     stop: int,
     perturbation: str = "gaussian",
     rank: int = 1,
+    orthogonal: bool = False,
     pair_loss: bool = False,
 ) -> torch.Tensor:
     """L(θ ± σ⊙z_i) for pairs ``start … stop − 1``, by perturbing ``params`` in place.
 
     The directions are those of :func:`robusttrain.zo.estimators.estimate_smoothed_grad` with the
-    same ``seed`` and ``num_pairs``; the parameters are restored bit for bit, also on an error.
+    same ``seed``, ``num_pairs`` and family (``perturbation``, ``rank``, ``orthogonal``: an
+    orthogonal block is drawn whole on every process, then sliced); the parameters are restored
+    bit for bit, also on an error.
     A NaN or infinite loss is returned as it is (not raised), so that every process reaches the
     exchange; :func:`rebuild_estimate` then raises on every process alike.
 
@@ -98,7 +103,7 @@ def loop_pair_losses(
     """
     params = list(params)
     check_estimator_args(params, sigma, num_pairs, seed, "antithetic")
-    family = Perturbation(perturbation, rank)
+    family = Perturbation(perturbation, rank, orthogonal)
     sizes = [p.numel() for p in params]
     flat_sigma = flat_sigmas(params, sigma, family) if per_tensor(sigma) else None
     scale = _scale(sigma)
@@ -106,7 +111,7 @@ def loop_pair_losses(
     noise = torch.empty(sum(sizes), device=params[0].device, dtype=torch.float32)
     step = noise if flat_sigma is None else torch.empty_like(noise)
     step_views = [z.view(p.shape) for z, p in zip(step.split(sizes), params)]
-    block = family.draw_block(params, seed, num_pairs) if family.kind == "lowrank" else None
+    block = family.draw_block(params, seed, num_pairs) if family.drawn_as_block else None
     generator = torch.Generator(device=params[0].device)
     losses = torch.empty(stop - start, 2, dtype=torch.float64)
     try:
@@ -148,6 +153,7 @@ def engine_pair_losses(
     stop: int,
     perturbation: str = "gaussian",
     rank: int = 1,
+    orthogonal: bool = False,
     batch_mode: str = "shared",
 ) -> torch.Tensor:
     """:func:`loop_pair_losses` for a model the population engine supports, in batched passes.
@@ -157,17 +163,20 @@ def engine_pair_losses(
     """
     params = _trainable(model)
     check_estimator_args(params, sigma, num_pairs, seed, "antithetic")
-    family = Perturbation(perturbation, rank)
+    family = Perturbation(perturbation, rank, orthogonal)
     _require_supported(model, family)
     sigmas = list(sigma) if per_tensor(sigma) else None
     rows = split_rows(x.shape[0], num_pairs, x.device) if batch_mode == "split" else None
     per_pair = 2 * (x.shape[0] if rows is None else rows.shape[1])
     chunk = max(1, _ROWS_PER_CHUNK // per_pair) if rows is None else max(1, stop - start)
     out = torch.empty(stop - start, 2, dtype=torch.float64)
+    # a low-rank or orthogonal block is drawn whole whatever the slice: once, not per chunk
+    whole = family.draw_block(params, seed, num_pairs) if family.drawn_as_block else None
     with torch.no_grad():
         for first in range(start, stop, chunk):
             last = min(stop, first + chunk)
-            z = family.draw_block(params, seed, num_pairs, first, last)
+            z = (whole[first:last] if whole is not None
+                 else family.draw_block(params, seed, num_pairs, first, last))
             plus, minus = _member_losses(model, x, y, z, _scale(sigma), family, True,
                                          None if rows is None else rows[first:last], sigmas)
             assert minus is not None  # antithetic: both signs were evaluated
@@ -228,6 +237,7 @@ def rebuild_estimate(
     fitness_shaping: bool | str = False,
     perturbation: str = "gaussian",
     rank: int = 1,
+    orthogonal: bool = False,
 ) -> list[torch.Tensor]:
     """ĝ = Σ_i c_i z_i (÷ σ elementwise for per-tensor scales) from all N pairs' losses.
 
@@ -239,20 +249,21 @@ def rebuild_estimate(
     Args:
         params: the tensors the losses were evaluated for (only their shapes and device are used).
         losses: (N, 2) float64, column 0 at θ + σz_i, column 1 at θ − σz_i.
-        sigma, seed, fitness_shaping, perturbation, rank: as in the estimate that made the losses.
+        sigma, seed, fitness_shaping, perturbation, rank, orthogonal: as in the estimate that made
+            the losses.
 
     Raises:
         NonFiniteLossError: a loss is NaN or infinite (every process raises it, on the same losses).
     """
     params = list(params)
     num_pairs = losses.shape[0]
-    family = Perturbation(perturbation, rank)
+    family = Perturbation(perturbation, rank, orthogonal)
     flat_sigma = flat_sigmas(params, sigma, family) if per_tensor(sigma) else None
     c = pair_coefficients(losses[:, 0], losses[:, 1], sigma=_scale(sigma),
                           estimator="antithetic", fitness_shaping=fitness_shaping)
     grads = [torch.zeros(p.shape, device=p.device, dtype=torch.float32) for p in params]
     chunk = max(1, _REBUILD_FLOATS // max(1, family.num_factors(params)))
-    whole = family.draw_block(params, seed, num_pairs) if family.kind == "lowrank" else None
+    whole = family.draw_block(params, seed, num_pairs) if family.drawn_as_block else None
     for first in range(0, num_pairs, chunk):
         last = min(num_pairs, first + chunk)
         z = (whole[first:last] if whole is not None

@@ -26,6 +26,31 @@ from a generator seeded with ``pair_seed(seed, i)``, so a dense direction can be
 instead of keeping N of them. For ``lowrank`` the factors are small, and the N pairs' are the rows
 of one (N, F) block drawn by a single ``randn`` call from ``pair_seed(seed, 0)`` — N generator
 seedings cost more than the whole draw (:meth:`Perturbation.draw_block`).
+
+Orthogonal directions (``orthogonal=True``; Choromanski et al. 2018, "Structured Evolution with
+Compact Architectures for Scalable Policy Optimization", ICML, and Choromanski et al. 2017, "The
+Unreasonable Effectiveness of Structured Random Orthogonal Embeddings", NeurIPS). The N pairs'
+factors are then always one (N, F) block from ``pair_seed(seed, 0)`` (also for ``gaussian``), made
+orthogonal in groups after the ``randn`` call (:func:`orthogonalize_rows`): a group of k ≤ n
+Gaussian vectors g_1 … g_k in ℝⁿ becomes ‖g_j‖·q_j, with q_1 … q_k the orthonormal vectors of
+Gram–Schmidt (QR with a positive diagonal of R). q_1 … q_k are uniform on the set of orthonormal
+k-frames and depend on the g_j only through their directions, so the norms ‖g_j‖ are independent
+chi_n draws, independent of the q_j: every vector is marginally *exactly* N(0, I_n) while those of
+a group are exactly orthogonal.
+
+* ``gaussian`` + orthogonal: n = F, the whole direction; the N directions form groups of at most F
+  (N > F: several independent groups). Each z_i is N(0, I), so every estimator keeps its mean; the
+  price is memory: the whole (N, F) float32 block of dense directions is held during an estimate
+  (N·F·4 bytes: 256 MB for N = 64 and F = 10⁶; its QR needs about three times that for a moment)
+  and the QR costs O(F·N²).
+* ``lowrank`` + orthogonal: per low-rank tensor, the N·r columns of A (out × N·r, pair-major)
+  in groups of at most out, the N·r columns of B in groups of at most in. A and B stay
+  independent with marginally Gaussian columns that are uncorrelated, E[A_aj A_cl] = δ_ac δ_jl
+  (flipping the sign of one g_j flips q_j alone), so each direction keeps mean 0 and identity
+  covariance, (10) of docs/theory.md; for r > 1 a pair's own r columns are orthogonal too, which
+  changes its fourth moments (not its first two). Every other tensor of the family (biases, norm
+  scales, Gaussian entries) is orthogonalized the Gaussian way over its own entries: its N
+  vectors in groups of at most its size.
 """
 
 from __future__ import annotations
@@ -39,7 +64,7 @@ import torch
 
 from robusttrain.noise.seeds import pair_seed
 
-__all__ = ["PERTURBATIONS", "Perturbation", "LowRankFactors"]
+__all__ = ["PERTURBATIONS", "Perturbation", "LowRankFactors", "orthogonalize_rows"]
 
 PERTURBATIONS = ("gaussian", "lowrank")
 
@@ -68,13 +93,17 @@ class Perturbation:
         kind: ``"gaussian"`` (dense N(0, I)) or ``"lowrank"`` (rank-``rank`` A Bᵀ/√r on tensors
             with two or more dimensions, Gaussian on the others).
         rank: r, the rank of each low-rank direction (ignored by ``"gaussian"``).
+        orthogonal: make the N pairs' directions of a step orthogonal in groups, each still
+            marginally Gaussian (module docstring); ``False`` (default): independent directions.
 
     Raises:
-        ValueError: an unknown kind or a rank that is not a positive integer.
+        ValueError: an unknown kind, a rank that is not a positive integer, or an ``orthogonal``
+            that is not a bool.
     """
 
     kind: str = "gaussian"
     rank: int = 1
+    orthogonal: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in PERTURBATIONS:
@@ -83,6 +112,17 @@ class Perturbation:
             )
         if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank < 1:
             raise ValueError(f"rank must be an integer >= 1 (e.g. 1), got {self.rank!r}")
+        if not isinstance(self.orthogonal, bool):
+            raise ValueError(
+                f"orthogonal must be True or False, got {self.orthogonal!r} "
+                f"({type(self.orthogonal).__name__})"
+            )
+
+    @property
+    def drawn_as_block(self) -> bool:
+        """Whether the N pairs' factors are one block from ``pair_seed(seed, 0)`` (low-rank or
+        orthogonal), rather than pair i's alone from ``pair_seed(seed, i)``."""
+        return self.kind == "lowrank" or self.orthogonal
 
     # ----- layout ---------------------------------------------------------------------------
     def is_lowrank(self, tensor: torch.Tensor) -> bool:
@@ -108,7 +148,10 @@ class Perturbation:
         self, params: Sequence[torch.Tensor], generator: torch.Generator,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One pair's factors, (F,) float32, drawn with one ``randn`` call from ``generator``."""
+        """One pair's factors, (F,) float32, drawn with one ``randn`` call from ``generator``.
+
+        Independent of every other pair's: orthogonal directions come from :meth:`draw_block`.
+        """
         total = self.num_factors(params)
         device = params[0].device
         if out is None:
@@ -122,20 +165,42 @@ class Perturbation:
         """Factors of pairs ``start … stop − 1`` of an estimate with ``num_pairs`` pairs, (K, F).
 
         The convention every path shares (loop and population engine): see the module docstring.
+        A family drawn as a block (:attr:`drawn_as_block`) draws all ``num_pairs`` rows and
+        orthogonalizes them (when ``orthogonal``) whatever the slice asked for, so draw it once
+        per estimate and slice it.
         """
         stop = num_pairs if stop is None else stop
         device = params[0].device
         generator = torch.Generator(device=device)
         total = self.num_factors(params)
-        if self.kind == "lowrank":
+        if self.drawn_as_block:
             generator.manual_seed(pair_seed(seed, 0))
             block = torch.randn(num_pairs, total, generator=generator, device=device)
+            if self.orthogonal:
+                block = self._orthogonalized(params, block)
             return block[start:stop]
         block = torch.empty(stop - start, total, device=device, dtype=torch.float32)
         for j in range(stop - start):
             generator.manual_seed(pair_seed(seed, start + j))
             self.draw(params, generator, out=block[j])
         return block
+
+    def _orthogonalized(self, params: Sequence[torch.Tensor], block: torch.Tensor) -> torch.Tensor:
+        """The (N, F) block with its directions made orthogonal (module docstring)."""
+        if self.kind == "gaussian":
+            return orthogonalize_rows(block)  # N vectors in ℝ^F
+        n = block.shape[0]
+        for part in self.split(params, block):
+            if isinstance(part, LowRankFactors):
+                # the N·r columns of A (out × N·r) and of B (in × N·r), as rows, pair-major
+                for factor in (part.a, part.b):
+                    rows = factor.transpose(1, 2).reshape(-1, factor.shape[1])  # (N·r, out or in)
+                    factor.copy_(orthogonalize_rows(rows).view(n, -1, factor.shape[1])
+                                 .transpose(1, 2))
+            else:
+                rows = part.reshape(n, -1)  # the tensor's N dense directions, (N, numel)
+                part.copy_(orthogonalize_rows(rows).view(part.shape))
+        return block  # the factors were written through the views of split
 
     def split(
         self, params: Sequence[torch.Tensor], factors: torch.Tensor
@@ -169,10 +234,10 @@ class Perturbation:
     ) -> torch.Tensor:
         """The dense direction z (P,) of one pair's factors (F,), in ``draw_noise``'s layout.
 
-        For ``gaussian`` this is ``factors`` itself (no copy).
+        For ``gaussian`` this is ``factors`` itself (no copy), or ``factors`` copied into ``out``.
         """
         if self.kind == "gaussian":
-            return factors
+            return factors if out is None else out.copy_(factors)
         total = sum(p.numel() for p in params)
         if out is None:
             out = torch.empty(total, device=factors.device, dtype=torch.float32)
@@ -207,3 +272,37 @@ class Perturbation:
             else:
                 grads.append((c @ part.flatten(1)).view(p.shape))
         return grads
+
+
+def orthogonalize_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows (M, n) of i.i.d. N(0, 1) → (M, n), orthogonal in consecutive groups of at most n rows.
+
+    Row j of a group becomes ‖g_j‖·q_j with q the Gram–Schmidt orthonormalization of the group
+    (QR of its transpose with diag R > 0), so each row keeps its own chi_n norm, independent of the
+    uniformly random orthonormal q: each row is marginally N(0, I_n) exactly, and the first row of
+    each group is left as it was (module docstring). Full groups go through one batched QR.
+
+    Example:
+        >>> rows = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+        >>> q = orthogonalize_rows(rows)
+        >>> bool(torch.allclose(q @ q.T, torch.diag(rows.norm(dim=1) ** 2), atol=1e-4))
+        True
+    """
+    m, n = rows.shape
+    full = (m // n) * n
+    out = torch.empty_like(rows)
+    if full:
+        out[:full] = _orthogonal_groups(rows[:full].reshape(m // n, n, n)).reshape(full, n)
+    if full < m:
+        out[full:] = _orthogonal_groups(rows[full:][None])[0]
+    return out
+
+
+def _orthogonal_groups(groups: torch.Tensor) -> torch.Tensor:
+    """(G, k, n) with k ≤ n → each group's k rows orthogonalized, keeping their norms."""
+    norms = torch.linalg.vector_norm(groups, dim=-1, keepdim=True)  # (G, k, 1)
+    q, r = torch.linalg.qr(groups.transpose(1, 2))  # q (G, n, k), r (G, k, k)
+    # the QR with a positive diagonal of R is Gram–Schmidt, unique: fix LAPACK's signs
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)  # a zero row: probability 0
+    return q.transpose(1, 2) * signs[..., None] * norms

@@ -31,8 +31,8 @@ BatchNorm in training mode normalizes with the statistics of the whole stacked b
 mix members: the engine refuses it (:func:`supports_population` says why) and the ZO module falls
 back to the in-place loop; BatchNorm in eval mode (running statistics) is per example and works.
 The factors are drawn exactly as in the loop (``Perturbation.draw_block``: Gaussian pair i from
-``pair_seed(seed, i)``, all low-rank pairs as one block), so both paths give the same estimate up
-to float rounding.
+``pair_seed(seed, i)``, all low-rank or orthogonal pairs as one block), so both paths give the same
+estimate up to float rounding.
 """
 
 from __future__ import annotations
@@ -480,6 +480,7 @@ def population_smoothed_grad(
     fitness_shaping: bool | str = False,
     perturbation: str = "gaussian",
     rank: int = 1,
+    orthogonal: bool = False,
     batch_mode: str = "shared",
     chunk_size: int | None = None,
 ) -> SmoothedGradEstimate:
@@ -501,6 +502,7 @@ def population_smoothed_grad(
         fitness_shaping: as in :func:`~robusttrain.zo.coefficients.pair_coefficients`.
         perturbation: ``"gaussian"`` or ``"lowrank"``.
         rank: r of the low-rank family.
+        orthogonal: orthogonal directions (:mod:`robusttrain.zo.perturbations`), as in the loop.
         batch_mode: ``"shared"`` (every pair sees the batch) or ``"split"`` (pair i sees its own
             ⌊B/N⌋ examples, see :func:`split_rows`).
         chunk_size: pairs evaluated together (bounds memory); default: as many as keep the
@@ -523,7 +525,7 @@ def population_smoothed_grad(
             "batch_mode 'split' needs estimator 'antithetic' (a one-sided pair would need a "
             "baseline on its own examples)"
         )
-    family = Perturbation(perturbation, rank)
+    family = Perturbation(perturbation, rank, orthogonal)
     shaping = fitness_shaping_name(fitness_shaping)
     _require_supported(model, family)
     sigmas = list(sigma) if per_tensor(sigma) else None
@@ -540,7 +542,7 @@ def population_smoothed_grad(
         chunk = chunk_size
     chunk = max(1, min(num_pairs, chunk))
     device = params[0].device
-    whole = family.draw_block(params, seed, num_pairs) if family.kind == "lowrank" else None
+    whole = family.draw_block(params, seed, num_pairs) if family.drawn_as_block else None
     plus_all, minus_all, blocks = [], [], []
     baseline = None
     grads = [torch.zeros(p.shape, device=device, dtype=torch.float32) for p in params]
