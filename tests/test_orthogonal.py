@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_estimators import COS_TRUTH, SIGMA, THETA, K, many_estimates, within
 
 from robusttrain.models import MLP
 from robusttrain.zo.estimators import estimate_smoothed_grad, pair_coefficients, smoothed_loss_grad
@@ -158,25 +159,8 @@ def test_lowrank_orthogonal_directions_have_mean_zero_and_identity_covariance(ra
 
 # --- (3) the estimator keeps its mean -----------------------------------------------------------
 
-K = 4.5  # d ≤ 5 coordinates at 1e-4 (tests/test_estimators.py)
-THETA = torch.tensor([1.0, -1.2, 2.0, 0.9, -2.2], dtype=torch.float64)
-SIGMA = 1.0
-COS_TRUTH = -math.exp(-(SIGMA**2) / 2) * torch.sin(THETA)  # ∇ of E[Σ cos(θ + σg)]
-
-
-def many_estimates(loss_of, theta0, m, **options):
-    out = []
-    for seed in range(m):
-        theta = theta0.clone()
-        (g,) = smoothed_loss_grad(loss_of(theta), [theta], seed=seed, orthogonal=True, **options)
-        out.append(g)
-    return torch.stack(out)
-
-
-def within(estimates, truth):
-    mean = estimates.mean(0)
-    se = estimates.std(0) / math.sqrt(len(estimates))
-    return bool(((mean - truth).abs() <= K * se).all())
+# the closed forms, the estimate helpers and the tolerance K of tests/test_estimators.py, with
+# orthogonal=True passed through to smoothed_loss_grad
 
 
 @pytest.mark.parametrize("estimator,num_pairs", [("antithetic", 4), ("antithetic", 7),
@@ -185,7 +169,7 @@ def test_unbiased_for_the_smoothed_cosine(estimator, num_pairs):
     # N = 4 < d = 5 (one group) and N = 7 (groups of 5 and 2); each z_i is N(0, I) and ĝ is linear
     # in the pairs' terms, so E[ĝ] = ∇L_σ whatever the dependence between the z_i
     est = many_estimates(lambda t: (lambda: torch.cos(t).sum()), THETA, 1000, sigma=SIGMA,
-                         num_pairs=num_pairs, estimator=estimator)
+                         num_pairs=num_pairs, estimator=estimator, orthogonal=True)
     assert within(est, COS_TRUTH)
     # the unsmoothed −sin θ is ≥ 0.31 away per coordinate; s ≤ 0.75 here (measured), s/√M ≤ 0.024
     assert not within(est, -torch.sin(THETA))
@@ -197,37 +181,12 @@ def test_unbiased_for_a_quadratic():
     b = torch.tensor([0.1, -0.4, 0.2], dtype=torch.float64)
     theta = torch.tensor([0.5, -1.0, 0.3], dtype=torch.float64)
     est = many_estimates(lambda t: (lambda: 0.5 * t @ a @ t + b @ t), theta, 1000, sigma=0.3,
-                         num_pairs=3)
+                         num_pairs=3, orthogonal=True)
     truth = a @ theta + b
     assert within(est, truth)
     # the antithetic difference of a quadratic is exactly linear: ĝ = (1/N)Σ(z_iᵀ∇L)z_i, whose
     # sd per coordinate is ≈ √(2/d)·‖∇L‖/√d ≈ 0.6 here; an offset of 0.2 is ≥ 10 standard errors
     assert not within(est, truth + 0.2)
-
-
-@pytest.mark.parametrize("rank", [1, 2])
-def test_lowrank_orthogonal_is_unbiased_for_a_quadratic(rank):
-    # as tests/test_perturbations.py: for a quadratic the antithetic difference is ∇Lᵀ E exactly,
-    # and E keeps identity covariance, so E[ĝ] = ∇L = ∇L_σ
-    g = torch.Generator().manual_seed(0)
-    w, t = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
-    h = torch.rand(4, 6, generator=g) + 0.5
-    b, u = torch.randn(3, generator=g), torch.randn(3, generator=g)
-
-    def loss():
-        return 0.5 * (h * (w - t) ** 2).sum() + ((b - u) ** 2).sum()
-
-    truth = torch.cat([(h * (w - t)).flatten(), (2 * (b - u))]).double()
-    seeds = 40
-    estimates = torch.stack([
-        torch.cat([x.flatten() for x in estimate_smoothed_grad(
-            loss, [w, b], sigma=0.3, num_pairs=50, seed=s, perturbation="lowrank", rank=rank,
-            orthogonal=True).grads]).double()
-        for s in range(seeds)
-    ])
-    z = (estimates.mean(0) - truth) / (estimates.std(0) / math.sqrt(seeds))
-    # 27 coordinates at 5 standard errors (t with 39 dof): a false alarm is far below 1e-3
-    assert float(z.abs().max()) < 5
 
 
 # --- (4) lower variance --------------------------------------------------------------------------

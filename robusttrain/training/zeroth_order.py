@@ -225,7 +225,7 @@ class ZerothOrderClassifier(Classifier):
                                 sigma=self.sigma)
 
     def _use_population(self) -> bool:
-        if self.population is False or self.deployment is not None or self.perturbation == "node":
+        if self.population is False or self.deployment is not None:
             return False
         if self.population is None:
             return choose_population(self.backbone, self.device, self.batch_mode)

@@ -111,6 +111,21 @@ def _square(scale: float | torch.Tensor) -> float | torch.Tensor:
     return scale * scale
 
 
+def _two_members(out: torch.Tensor, plus: torch.Tensor | float, minus: torch.Tensor | float,
+                 pairs: int, rows: int) -> torch.Tensor:
+    """The 2N·B member rows: the + members' ``out + plus``, the − members' ``out − minus``.
+
+    ``out`` holds the clean product of the layer's input: (N·2·B, …) once the members are
+    expanded (written in place), or the B shared rows before (broadcast to every pair).
+    """
+    if out.shape[0] != rows:
+        members = out.view(pairs, 2, rows, *out.shape[1:])
+        members[:, 0] += plus
+        members[:, 1] -= minus
+        return out
+    return torch.stack((out + plus, out - minus), dim=1).reshape(pairs * 2 * rows, *out.shape[1:])
+
+
 def _linear_members(layer: _Layer, h: torch.Tensor, out: torch.Tensor, pairs: int,
                     rows: int) -> torch.Tensor:
     """The 2N·B member outputs of a Linear layer, and its record (see the module docstring).
@@ -147,24 +162,21 @@ def _linear_members(layer: _Layer, h: torch.Tensor, out: torch.Tensor, pairs: in
     l11 = m11.sqrt()
     z1 = torch.randn(pairs, rows, out_f, generator=layer.generator, device=h.device, dtype=h.dtype)
     record = {"h_plus": h if not expanded else h_plus, "z1": z1, "l11": l11}
-    members = out.view(pairs, 2, rows, out_f) if expanded else (
-        out[None, None].expand(pairs, 2, rows, out_f).clone())
-    members[:, 0] += l11 * z1
-    if delta is None:  # both members see the same input: u⁻ = u⁺
-        members[:, 1] -= l11 * z1
-    else:
+    u_plus = l11 * z1  # (N, B, out)
+    u_minus = u_plus  # both members see the same input (the first layer): u⁻ = u⁺
+    if delta is not None:
         m12 = gram(h_plus, delta, False)
         m22 = gram(delta, delta, False)
         rest = (m22 - m12 * m12 / m11).clamp_min(0)
         independent = rest > _PARALLEL * m22
+        # where the inputs are parallel, z₂ = 0 and L₂₂ = 1 (any nonzero value: it only divides z₂)
         l22 = torch.where(independent, rest, torch.ones_like(rest)).sqrt()
         z2 = torch.randn(pairs, rows, out_f, generator=layer.generator, device=h.device,
                          dtype=h.dtype) * independent
-        l21 = l11 + m12 / l11
-        members[:, 1] -= l21 * z1 + torch.where(independent, l22, torch.zeros_like(l22)) * z2
+        u_minus = (l11 + m12 / l11) * z1 + l22 * z2  # L₂₁z₁ + L₂₂z₂
         record.update(delta=delta, z2=z2, l22=l22, m12=m12)
     layer.record = record
-    return members.reshape(pairs * 2 * rows, out_f)
+    return _two_members(out, u_plus, u_minus, pairs, rows)
 
 
 def _conv_members(layer: _Layer, h: torch.Tensor, out: torch.Tensor, pairs: int,
@@ -206,11 +218,7 @@ def _conv_members(layer: _Layer, h: torch.Tensor, out: torch.Tensor, pairs: int,
         corr_plus = corr_plus + shift
         corr_minus = corr_minus + shift
     layer.record = record
-    members = out.view(pairs, 2, rows, *out.shape[1:]) if expanded else (
-        out[None, None].expand(pairs, 2, rows, *out.shape[1:]).clone())
-    members[:, 0] += corr_plus
-    members[:, 1] -= corr_minus
-    return members.reshape(pairs * 2 * rows, *out.shape[1:])
+    return _two_members(out, corr_plus, corr_minus, pairs, rows)
 
 
 def _linear_grads(layer: _Layer, coef: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
