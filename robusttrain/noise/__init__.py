@@ -10,6 +10,7 @@
 """
 
 from robusttrain.noise.deployment import (
+    PCM,
     PRESETS,
     BitFlips,
     Deployment,
@@ -41,6 +42,7 @@ __all__ = [
     "OutputQuantize",
     "Quantize",
     "ReadNoise",
+    "PCM",
     "StuckAt",
     "deployed",
     "parse_deployment",
