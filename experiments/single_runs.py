@@ -47,6 +47,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "mnist_cnn_zo_lowrank": ("configs/mnist_cnn_zo_lowrank.yaml", []),
     "fashion_cnn_zo_lowrank": ("configs/fashion_cnn_zo_lowrank.yaml", []),
     "fashion_mlp_zo_node": ("configs/fashion_mlp_zo_node.yaml", []),
+    "mnist_mlp_sgd": ("configs/mnist_mlp_sgd.yaml", []),
+    "mnist_mlp_zo_node": ("configs/mnist_mlp_zo_node.yaml", []),
 }
 
 FIELDS = ["name", "command", "epochs", "global_step", "test_acc", "fit_seconds"]

@@ -11,6 +11,8 @@
 * :mod:`robusttrain.training.checkpoints` — :func:`load_checkpoint`: the trained backbone and its
   data settings from a checkpoint, without executing code from it; :func:`check_checkpoint_file`:
   one line for a damaged or foreign checkpoint, naming a whole one beside it.
+* :mod:`robusttrain.training.wall_clock` — :class:`WallClock`: ``time/fit_s`` beside ``val/acc``
+  in ``metrics.csv``, carried across a resume.
 * :mod:`robusttrain.training.predict` — :class:`PredictionWriter`, the CSV of ``robusttrain predict``.
 * :mod:`robusttrain.training.option_errors` — :class:`OptionError`: one line for a mistyped option
   or config key (with the closest valid ones) or a value of the wrong type.
@@ -36,6 +38,7 @@ from robusttrain.training.noise_injection import NoiseInjectionClassifier
 from robusttrain.training.option_errors import OptionError
 from robusttrain.training.predict import PredictionWriter
 from robusttrain.training.quantization_aware import QuantizationAwareClassifier
+from robusttrain.training.wall_clock import WallClock
 from robusttrain.training.zeroth_order import ZerothOrderClassifier
 
 __all__ = [
@@ -53,6 +56,7 @@ __all__ = [
     "PredictionWriter",
     "QuantizationAwareClassifier",
     "RobustTrainCLI",
+    "WallClock",
     "ZerothOrderClassifier",
     "check_checkpoint_file",
     "frozen_stochastic_layers",

@@ -34,6 +34,7 @@ from robusttrain.training.checkpoints import (
 from robusttrain.training.divergence import DivergenceGuard
 from robusttrain.training.option_errors import OptionError, explain_parse_error
 from robusttrain.training.predict import PredictionWriter
+from robusttrain.training.wall_clock import WallClock
 
 __all__ = ["RUNS_DIR", "RobustTrainCLI", "make_cli"]
 
@@ -50,6 +51,7 @@ class RobustTrainCLI(LightningCLI):
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.add_lightning_class_args(DivergenceGuard, "divergence")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(WallClock, "wall_clock")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
