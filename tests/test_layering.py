@@ -19,7 +19,7 @@ LAYERS = ["files", "data", "models", "noise", "zo", "training", "evaluation", "c
 # inside a subpackage, bottom to top: a module may import only the modules before it
 MODULE_ORDER = {
     "data": ["formats", "sources", "datamodules"],
-    "noise": ["seeds", "weight", "deployment"],
+    "noise": ["seeds", "weight", "pcm", "deployment"],
     "zo": ["perturbations", "coefficients", "arguments", "estimators", "node", "population",
            "parallel"],
     "training": ["checkpoints", "divergence", "wall_clock", "base", "backprop", "zeroth_order",

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from robusttrain.models import MLP
-from robusttrain.noise.deployment import PCM, PRESETS, Deployment, deployed, parse_deployment
+from robusttrain.noise.deployment import PRESETS, Deployment, deployed, parse_deployment
+from robusttrain.noise.pcm import PCM
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,10 +7,11 @@
 * :mod:`robusttrain.noise.deployment` — deployment models (weight quantization, stuck-at faults,
   bit flips, read noise, output converters), composable and described in YAML, run in place by
   :func:`deployed` and undone.
+* :mod:`robusttrain.noise.pcm` — :class:`PCM`, IBM aihwkit's statistical phase-change-memory model
+  (programming noise, drift, 1/f read noise at ``t_inference``), the ``pcm`` deployment step.
 """
 
 from robusttrain.noise.deployment import (
-    PCM,
     PRESETS,
     BitFlips,
     Deployment,
@@ -22,6 +23,7 @@ from robusttrain.noise.deployment import (
     parse_deployment,
     quantize_tensor,
 )
+from robusttrain.noise.pcm import PCM
 from robusttrain.noise.seeds import draw_noise, pair_seed
 from robusttrain.noise.weight import (
     NOISE_MODELS,
