@@ -11,6 +11,7 @@ zeroth-order seeds and forward-pass counter, and the running training accuracy o
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import signal
 import subprocess
@@ -51,7 +52,17 @@ METHODS = {
                           "init_args": {"lr": 0.001, "momentum": 0.9}},
         },
     },
+    # IBM's HWA training (the analog extra): noise drawn by aihwkit-lightning, clipping after steps
+    "hwa": {
+        "class_path": "robusttrain.training.HardwareAwareClassifier",
+        "init_args": {
+            "seed": 5, "level": 0.05, "clip_sigma": 2.5,
+            "optimizer": {"class_path": "torch.optim.SGD",
+                          "init_args": {"lr": 0.01, "momentum": 0.9}},
+        },
+    },
 }
+HAVE_ANALOG = importlib.util.find_spec("aihwkit_lightning") is not None
 
 
 def _write_data(folder: Path) -> None:
@@ -132,7 +143,11 @@ def _assert_same_tensors(a, b, where: str) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", [
+    pytest.param(m, marks=pytest.mark.skipif(
+        m == "hwa" and not HAVE_ANALOG,
+        reason="hwa needs the analog extra: pip install 'robusttrain[analog]'"))
+    for m in sorted(METHODS)])
 def test_run_killed_mid_epoch_resumes_exactly(tmp_path, method):
     _write_data(tmp_path / "data")
     config = _config(tmp_path, method)

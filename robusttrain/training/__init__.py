@@ -5,7 +5,9 @@
   :class:`ZerothOrderClassifier` (forward passes only); :mod:`~robusttrain.training.noise_injection`
   — :class:`NoiseInjectionClassifier` (backprop on the smoothed loss);
   :mod:`~robusttrain.training.quantization_aware` — :class:`QuantizationAwareClassifier` (backprop
-  through a deployment, straight-through). :mod:`~robusttrain.training.base` holds what they share
+  through a deployment, straight-through); :mod:`~robusttrain.training.hardware_aware` —
+  :class:`HardwareAwareClassifier` (IBM's HWA training run by aihwkit-lightning, the optional
+  ``analog`` extra). :mod:`~robusttrain.training.base` holds what they share
   (seeds, ``init_from``, frozen BatchNorm/dropout). In configs: ``robusttrain.training.Classifier``
   and so on (``robusttrain.training.modules.<Class>``, the former path, still imports).
 * :mod:`robusttrain.training.checkpoints` — :func:`load_checkpoint`: the trained backbone and its
@@ -33,6 +35,7 @@ from robusttrain.training.checkpoints import (
     load_checkpoint,
 )
 from robusttrain.training.divergence import DivergenceError, DivergenceGuard
+from robusttrain.training.hardware_aware import HardwareAwareClassifier
 from robusttrain.training.lightning_cli import RobustTrainCLI, make_cli
 from robusttrain.training.noise_injection import NoiseInjectionClassifier
 from robusttrain.training.option_errors import OptionError
@@ -50,6 +53,7 @@ __all__ = [
     "Classifier",
     "DivergenceError",
     "DivergenceGuard",
+    "HardwareAwareClassifier",
     "LoadedCheckpoint",
     "NoiseInjectionClassifier",
     "OptionError",
