@@ -168,6 +168,22 @@ def test_analog_training_forward_is_noisy_and_the_gradient_reaches_the_backbone(
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.backbone.parameters())
 
 
+def test_every_linear_and_conv_layer_is_clipped():
+    """LeNet: both convolutions and both Linear layers are clipped."""
+    module = HardwareAwareClassifier(LeNet(in_channels=1, image_size=28), level=0.05,
+                                     clip_sigma=1.0)
+    weights = [m.weight for m in module.backbone.modules()
+               if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    assert len(weights) == 4
+    with torch.no_grad():
+        for w in weights:
+            w.mul_(torch.rand_like(w) * 5)
+        bounds = [w.view(w.shape[0], -1).std(1).view(-1, *[1] * (w.dim() - 1)) for w in weights]
+    module.clip_weights()
+    for w, bound in zip(weights, bounds):
+        assert (w.abs() <= bound + 1e-7).all(), f"a {tuple(w.shape)} weight was not clipped"
+
+
 def test_clipping_is_aihwkits_per_row_gaussian_clip():
     torch.manual_seed(0)
     module = HardwareAwareClassifier(MLP(20, [16], 4), level=0.05, clip_sigma=1.5)

@@ -146,12 +146,15 @@ def analog_twin(backbone: nn.Module, rpu_config: Any) -> nn.Module:
 
 
 def analog_layers(twin: nn.Module) -> list[nn.Module]:
-    """The converted (analog) layers of an :func:`analog_twin`."""
+    """The analog layers of an :func:`analog_twin`, as aihwkit-lightning selects them.
+
+    Its ``AnalogLayerBase.named_analog_layers``: every ``AnalogLayerBase`` that is not a container
+    (``AnalogLinear``, ``AnalogConv1d/2d/3d``; the analog conv layers are not ``nn.Conv2d``
+    subclasses, so an ``isinstance`` test on torch's classes would miss them).
+    """
     from aihwkit_lightning.nn import AnalogLayerBase
 
-    return [m for m in twin.modules()
-            if isinstance(m, AnalogLayerBase) and hasattr(m, "clip_weights")
-            and isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)]
+    return [m for m in twin.modules() if isinstance(m, AnalogLayerBase) and not m.IS_CONTAINER]
 
 
 class HardwareAwareClassifier(Classifier):
