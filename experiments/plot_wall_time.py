@@ -38,6 +38,14 @@ PANELS: dict[str, list[tuple[str, str]]] = {
         ("mnist_mlp_sgd", "backprop SGD"),
         ("mnist_mlp_zo_node", "node perturbation (forward only)"),
     ],
+    "Fashion-MNIST, LeNet": [
+        ("fashion_cnn_sgd", "backprop SGD"),
+        ("fashion_cnn_zo_node", "node perturbation (forward only)"),
+    ],
+    "CIFAR-10, LeNet": [
+        ("cifar10_cnn_sgd", "backprop SGD"),
+        ("cifar10_cnn_zo_node", "node perturbation (forward only)"),
+    ],
 }
 STYLES = {"backprop SGD": ("black", "-"), "node perturbation (forward only)": ("tab:red", "-"),
           "low-rank directions (forward only)": ("tab:blue", "--")}
@@ -81,8 +89,12 @@ def main() -> None:
     if not panels:
         raise SystemExit(f"no run under {args.results / 'runs'} has time/fit_s: run "
                          "experiments/single_runs.py first")
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
-    for ax, (title, runs) in zip(axes[0], panels):
+    cols = min(2, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 5.0 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, runs) in zip(axes.flat, panels):
         for name, label in runs:
             seconds, acc = zip(*curves[name])
             row = table.get(name)

@@ -49,6 +49,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "fashion_mlp_zo_node": ("configs/fashion_mlp_zo_node.yaml", []),
     "mnist_mlp_sgd": ("configs/mnist_mlp_sgd.yaml", []),
     "mnist_mlp_zo_node": ("configs/mnist_mlp_zo_node.yaml", []),
+    "fashion_cnn_sgd": ("configs/fashion_cnn_sgd.yaml", []),
+    "fashion_cnn_zo_node": ("configs/fashion_cnn_zo_node.yaml", []),
+    "cifar10_cnn_sgd": ("configs/cifar10_cnn_sgd.yaml", []),
+    "cifar10_cnn_zo_node": ("configs/cifar10_cnn_zo_node.yaml", []),
 }
 
 FIELDS = ["name", "command", "epochs", "global_step", "test_acc", "fit_seconds"]

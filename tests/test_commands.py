@@ -3,6 +3,7 @@
 line, and ``test`` of a run's checkpoint logs beside that run."""
 
 import gzip
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,9 @@ def test_there_are_configs_for_every_dataset_and_method():
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_config_runs_a_tiny_fit(config, tmp_path, monkeypatch, require_data):
     raw = yaml.safe_load(config.read_text())
+    if (raw["model"]["class_path"].endswith("HardwareAwareClassifier")
+            and importlib.util.find_spec("aihwkit_lightning") is None):
+        pytest.skip("hwa needs the analog extra: pip install 'robusttrain[analog]'")
     root = _needs(raw["data"]["class_path"], require_data)
     monkeypatch.chdir(tmp_path)
     args = [

@@ -91,9 +91,9 @@ def _accuracies_robusttrain(model, x, y, level, draws):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _accuracies_aihwkit(model, x, y, std_dev, draws):
+def _accuracies_aihwkit(model, x, y, std_dev, draws, per_channel=False):
     """One forward of all of ``x`` per draw: aihwkit-lightning draws its weight noise per forward."""
-    twin = analog_twin(model, hwa_rpu_config(std_dev, clip_sigma=None)).train()
+    twin = analog_twin(model, hwa_rpu_config(std_dev, per_channel, clip_sigma=None)).train()
     out = []
     with torch.no_grad():
         for k in range(draws):
@@ -117,8 +117,8 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, bool, str]:
 
 def test_aihwkit_addnormal_is_robusttrain_relative_noise():
     """aihwkit-lightning's AddNormal at std_dev η and robusttrain's relative noise at η give the
-    same accuracy distribution on the same model (300 draws each); at std_dev 1.25η the same test
-    tells them apart, so it has the power to fail."""
+    same accuracy distribution on the same model (300 draws each); the same test tells apart
+    std_dev 1.25η and the per-row scale of AddNormalPerChannel, so it has the power to fail."""
     model = _trained_mlp()
     x, y = _blobs(2000, seed=2)
     clean = (model(x).argmax(1) == y).float().mean().item()
@@ -131,6 +131,9 @@ def test_aihwkit_addnormal_is_robusttrain_relative_noise():
     louder = _accuracies_aihwkit(model, x, y, 1.25 * level, draws)
     same_mean, _, why = _agree(ours, louder)
     assert not same_mean, f"1.25x the noise was not detected: {why}"
+    per_row = _accuracies_aihwkit(model, x, y, level, draws, per_channel=True)
+    same_mean, _, why = _agree(ours, per_row)
+    assert not same_mean, f"AddNormalPerChannel (max|W| per row) was not told apart: {why}"
     # the analog copy restored nothing it should not have: the model is clean afterwards
     assert (model(x).argmax(1) == y).float().mean().item() == clean
 
