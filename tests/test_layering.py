@@ -19,12 +19,12 @@ LAYERS = ["files", "data", "models", "noise", "zo", "training", "evaluation", "c
 # inside a subpackage, bottom to top: a module may import only the modules before it
 MODULE_ORDER = {
     "data": ["formats", "sources", "datamodules"],
-    "noise": ["seeds", "weight", "pcm", "deployment"],
+    "noise": ["seeds", "weight", "pcm", "deployment", "chip"],
     "zo": ["perturbations", "coefficients", "arguments", "estimators", "node", "population",
            "parallel"],
     "training": ["checkpoints", "divergence", "wall_clock", "base", "backprop", "zeroth_order",
-                 "noise_injection", "quantization_aware", "hardware_aware", "modules", "predict",
-                 "option_errors", "lightning_cli"],
+                 "noise_injection", "quantization_aware", "hardware_aware", "chip_in_the_loop",
+                 "modules", "predict", "option_errors", "lightning_cli"],
     "evaluation": ["statistics", "robustness", "report", "deployment", "attack", "zo_l2l"],
     "comparison": ["config", "report", "evaluation_cache", "runner", "deployment"],
     "commands": ["errors", "robustness", "compare", "attack", "meta_train", "main"],

@@ -9,8 +9,12 @@
   :func:`deployed` and undone.
 * :mod:`robusttrain.noise.pcm` — :class:`PCM`, IBM aihwkit's statistical phase-change-memory model
   (programming noise, drift, 1/f read noise at ``t_inference``), the ``pcm`` deployment step.
+* :mod:`robusttrain.noise.chip` — a chip as a black box (:class:`Chip`: program, run, queries),
+  :class:`SimulatedChip` (one device draw of a deployment, fresh read noise per inference) and
+  :class:`ChipPort`, all a trainer in the loop may hold of it.
 """
 
+from robusttrain.noise.chip import Chip, ChipPort, ChipQueries, SimulatedChip
 from robusttrain.noise.deployment import (
     PRESETS,
     BitFlips,
@@ -20,6 +24,7 @@ from robusttrain.noise.deployment import (
     ReadNoise,
     StuckAt,
     deployed,
+    inference_steps,
     parse_deployment,
     quantize_tensor,
 )
@@ -40,13 +45,18 @@ __all__ = [
     "NOISE_MODELS",
     "PRESETS",
     "BitFlips",
+    "Chip",
+    "ChipPort",
+    "ChipQueries",
     "Deployment",
     "OutputQuantize",
     "Quantize",
     "ReadNoise",
     "PCM",
+    "SimulatedChip",
     "StuckAt",
     "deployed",
+    "inference_steps",
     "parse_deployment",
     "quantize_tensor",
     "check_noise",

@@ -65,6 +65,7 @@ __all__ = [
     "StuckAt",
     "deploy_weights_",
     "deployed",
+    "inference_steps",
     "output_converters",
     "parse_deployment",
     "quantize_tensor",
@@ -145,13 +146,13 @@ class StuckAt:
 
     def __post_init__(self) -> None:
         _check_rate(self.p, "stuck_at")
+        if self.mode not in ("zero", "max", "both"):
+            raise ValueError(f"stuck_at: mode must be zero, max or both, got {self.mode!r}")
 
     @property
     def random(self) -> bool:
         """Whether two draws of this step can differ (p > 0)."""
         return self.p > 0
-        if self.mode not in ("zero", "max", "both"):
-            raise ValueError(f"stuck_at: mode must be zero, max or both, got {self.mode!r}")
 
     def apply(self, w: torch.Tensor, generator: torch.Generator) -> None:
         device = w.device
@@ -407,21 +408,37 @@ def deployed(
     deployment = parse_deployment(deployment)
     weights = [p for _, p in noisy_parameters(model)]
     device = weights[0].device
+    with preserved_state(model):
+        deploy_weights_(weights, deployment, _seeded(device_seed, device))
+        with inference_steps(model, deployment, _seeded(inference_seed, device)):
+            yield model
+
+
+@contextlib.contextmanager
+def inference_steps(
+    model: nn.Module, deployment: Any, generator: torch.Generator
+) -> Iterator[nn.Module]:
+    """Inside the block, every forward pass of ``model`` runs the deployment's inference steps.
+
+    Read noise on each Linear/Conv layer's stored weights (one draw per layer and pass from
+    ``generator``, which advances; the stored weights are written back after the pass) and
+    output quantization. The device steps are not applied here: ``model`` holds the stored
+    weights already (:func:`deployed` applies them first; a chip holds its programmed weights).
+    The hooks are removed on exit, also when the body raises.
+    """
+    deployment = parse_deployment(deployment)
     read_noise = [s for s in deployment.steps if isinstance(s, ReadNoise) and s.level > 0]
     converters = [s for s in deployment.steps if isinstance(s, OutputQuantize)]
     handles = []
-    with preserved_state(model):
-        try:
-            deploy_weights_(weights, deployment, _seeded(device_seed, device))
-            if read_noise or converters:
-                inference = _seeded(inference_seed, device)
-                for module in model.modules():
-                    if isinstance(module, WEIGHT_LAYERS):
-                        handles += _hooks(module, read_noise, converters, inference)
-            yield model
-        finally:
-            for handle in handles:
-                handle.remove()
+    try:
+        if read_noise or converters:
+            for module in model.modules():
+                if isinstance(module, WEIGHT_LAYERS):
+                    handles += _hooks(module, read_noise, converters, generator)
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def deploy_weights_(

@@ -7,9 +7,11 @@
   :mod:`~robusttrain.training.quantization_aware` — :class:`QuantizationAwareClassifier` (backprop
   through a deployment, straight-through); :mod:`~robusttrain.training.hardware_aware` —
   :class:`HardwareAwareClassifier` (IBM's HWA training run by aihwkit-lightning, the optional
-  ``analog`` extra). :mod:`~robusttrain.training.base` holds what they share
-  (seeds, ``init_from``, frozen BatchNorm/dropout). In configs: ``robusttrain.training.Classifier``
-  and so on (``robusttrain.training.modules.<Class>``, the former path, still imports).
+  ``analog`` extra); :mod:`~robusttrain.training.chip_in_the_loop` —
+  :class:`ChipInTheLoopClassifier` (forward-only fine-tuning of one black-box chip).
+  :mod:`~robusttrain.training.base` holds what they share (seeds, ``init_from``, frozen
+  BatchNorm/dropout). In configs: ``robusttrain.training.Classifier`` and so on
+  (``robusttrain.training.modules.<Class>``, the former path, still imports).
 * :mod:`robusttrain.training.checkpoints` — :func:`load_checkpoint`: the trained backbone and its
   data settings from a checkpoint, without executing code from it; :func:`check_checkpoint_file`:
   one line for a damaged or foreign checkpoint, naming a whole one beside it.
@@ -34,6 +36,7 @@ from robusttrain.training.checkpoints import (
     check_checkpoint_file,
     load_checkpoint,
 )
+from robusttrain.training.chip_in_the_loop import ChipInTheLoopClassifier
 from robusttrain.training.divergence import DivergenceError, DivergenceGuard
 from robusttrain.training.hardware_aware import HardwareAwareClassifier
 from robusttrain.training.lightning_cli import RobustTrainCLI, make_cli
@@ -50,6 +53,7 @@ __all__ = [
     "BestAndLastCheckpoint",
     "CheckpointError",
     "CheckpointWriteError",
+    "ChipInTheLoopClassifier",
     "Classifier",
     "DivergenceError",
     "DivergenceGuard",

@@ -186,10 +186,14 @@ class Classifier(LightningModule):
         """
         if self.deployment is None:
             return self.model_step(batch)
-        chip, _ = deployment_seeds(self.seed, EVAL_CHIP)
+        chip = self.eval_chip_seed()
         _, reads = deployment_seeds(chip, batch_idx)
         with deployed(self.backbone, self.deployment, device_seed=chip, inference_seed=reads):
             return self.model_step(batch)
+
+    def eval_chip_seed(self) -> int:
+        """Device seed of the chip that validation, test and predict run the deployment on."""
+        return deployment_seeds(self.seed, EVAL_CHIP)[0]
 
     def predict_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
