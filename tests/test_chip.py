@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from blob_problem import blobs, loaders, sgd, trainer
 
 from robusttrain.models import MLP, LeNet
 from robusttrain.noise import ChipPort, ChipQueries, SimulatedChip, deployed, noisy_parameters
 from robusttrain.noise.chip import Chip
-from robusttrain.noise.deployment import deploy_weights_
+from robusttrain.noise.deployment import deploy_weights_, parse_deployment
 from robusttrain.training import ChipInTheLoopClassifier, QuantizationAwareClassifier
 from robusttrain.training.chip_in_the_loop import chip_smoothed_grad
 from robusttrain.zo.estimators import estimate_smoothed_grad
@@ -273,26 +276,30 @@ def test_a_real_device_plugs_in_as_a_chip_subclass():
 
 def test_a_resumed_fine_tune_continues_its_query_count(tmp_path):
     """A chip's read noise cannot be rewound, so resuming is not bit for bit; what must hold is
-    that θ, the optimizer state and the training query count carry on from the checkpoint."""
+    that θ and the training query count carry on from the checkpoint."""
+    seen = []
+
+    class Watched(ChipInTheLoopClassifier):
+        def on_train_start(self):
+            seen.append([p.detach().clone() for p in self.parameters()])
+
     def model():
-        return ChipInTheLoopClassifier(_mlp(), chip=SimulatedChip(FAULTY, seed=5), num_classes=3,
-                                       optimizer=sgd(0.01, momentum=0.9), sigma=0.05, num_pairs=2)
+        return Watched(_mlp(), chip=SimulatedChip(FAULTY, seed=5), num_classes=3,
+                       optimizer=sgd(0.01, momentum=0.9), sigma=0.05, num_pairs=2)
 
     train, val = loaders(batch_size=64)
     first = model()
-    run = trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    run = trainer(tmp_path, max_steps=3, max_epochs=5, limit_val_batches=0)
     run.fit(first, train, val)
     run.save_checkpoint(tmp_path / "three.ckpt")
     saved = [p.detach().clone() for p in first.parameters()]
     second = model()
-    resumed = trainer(tmp_path, max_steps=5, limit_val_batches=0)
-    seen = []
-    second.on_train_start = lambda: seen.append([p.detach().clone() for p in second.parameters()])
+    resumed = trainer(tmp_path, max_steps=5, max_epochs=5, limit_val_batches=0)
     resumed.fit(second, train, val, ckpt_path=tmp_path / "three.ckpt")
-    assert all(torch.equal(a, b) for a, b in zip(seen[0], saved))  # θ restored before step 4
+    assert resumed.global_step == 5
+    assert all(torch.equal(a, b) for a, b in zip(seen[1], saved))  # θ restored before step 4
     # 5 steps of one clean inference and 2 pairs: 5 programs and passes of 64 examples each
     assert second.train_queries == ChipQueries(5 * 5, 5 * 5, 5 * 5 * 64)
-    assert resumed.global_step == 5
 
 
 def test_trainable_fine_tunes_only_the_named_parameters(tmp_path):
@@ -307,3 +314,19 @@ def test_trainable_fine_tunes_only_the_named_parameters(tmp_path):
     with pytest.raises(ValueError, match=r"match no parameter; the backbone has net.1.weight"):
         ChipInTheLoopClassifier(_mlp(), chip=SimulatedChip(FAULTY), num_classes=3,
                                 trainable=["layer9.*"])
+
+
+def test_the_committed_chip_studies_name_what_exists():
+    """experiments/chip_*.yaml: every config they run exists, every target is a deployment with
+    chip-to-chip variation, and each target has at least 5 chips."""
+    root = Path(__file__).resolve().parent.parent
+    studies = sorted((root / "experiments").glob("chip_*.yaml"))
+    assert len(studies) >= 2
+    for path in studies:
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg["chips"] >= 5, path
+        for role in ("float", "qat_noise", "oracle", "chip_finetune"):
+            assert (root / cfg[role]["config"]).is_file(), (path, role)
+        assert set(cfg["chip_finetune"]["starts"]) <= {"ptq", "qat_noise"}
+        for name, target in cfg["targets"].items():
+            assert parse_deployment(target).random_device, (path, name)

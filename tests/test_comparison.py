@@ -225,6 +225,8 @@ def test_committed_comparison_configs_parse():
     for path in sorted((ROOT / "experiments").glob("*.yaml")):
         if is_deployment_config(path):  # tests/test_deployment_comparison.py
             continue
+        if "chip_finetune" in yaml.safe_load(path.read_text()):  # a chip study: tests/test_chip.py
+            continue
         cfg = load_config(path)
         assert len(cfg.methods) >= 2, path
         assert all(m.model["class_path"].startswith("robusttrain.training.") for m in cfg.methods)
