@@ -53,12 +53,15 @@ FIELDS = ["method", "target", "chip", "chip_seed", "test_acc", "test_acc_std_rea
           "train_chip_examples", "fit_seconds"]
 
 
-def _fit(name: str, config: str, overrides: list[str], out: Path) -> tuple[Path, float]:
+def _fit(name: str, config: str, overrides: list[str], out: Path,
+         report_only: bool = False) -> tuple[Path, float]:
     """Run ``robusttrain fit`` once (unless finished before); (last.ckpt, wall seconds)."""
     run_dir = out / "runs" / name
     marker = run_dir / "finished"
     if marker.exists():
         return run_dir / "checkpoints" / "last.ckpt", float(marker.read_text())
+    if report_only:
+        raise SystemExit(f"--report-only: {run_dir} has not finished; run the study without it")
     logger = ["--trainer.logger.init_args.save_dir", str(out / "runs"),
               "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", ""]
     command = [sys.executable, "-m", "robusttrain", "fit", "--config", config, *overrides, *logger]
@@ -100,9 +103,10 @@ def run_study(cfg: dict[str, Any], out: Path, report_only: bool) -> list[dict[st
     rows: list[dict[str, Any]] = []
     curves: dict[Any, Any] = {}  # (fine-tune, target) -> per chip [(train examples, val acc)]
     references: dict[Any, list[float]] = {}  # (ptq|qat_noise|oracle, target) -> val acc per chip
-    fit = (lambda *a: (Path(out / "runs" / a[0] / "checkpoints" / "last.ckpt"),
-                       float((out / "runs" / a[0] / "finished").read_text()))) if report_only \
-        else (lambda *a: _fit(*a, out))
+
+    def fit(name: str, config: str, overrides: list[str]) -> tuple[Path, float]:
+        return _fit(name, config, overrides, out, report_only)
+
     float_ckpt, float_s = fit("float", cfg["float"]["config"], cfg["float"].get("overrides", []))
     for target_name, target in cfg["targets"].items():
         dep = json.dumps(target)

@@ -165,7 +165,7 @@ class Classifier(LightningModule):
         float_acc_metric: MulticlassAccuracy,
         batch_idx: int,
     ) -> None:
-        if self.deployment is not None:
+        if self.evaluates_deployed:
             _, float_logits, y = self.model_step(batch)
             float_acc_metric(float_logits, y)
             self.log(f"{split}/float_acc", float_acc_metric, on_step=False, on_epoch=True)
@@ -174,6 +174,11 @@ class Classifier(LightningModule):
         acc_metric(logits, y)
         self.log(f"{split}/loss", loss_metric, on_step=False, on_epoch=True)
         self.log(f"{split}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True)
+
+    @property
+    def evaluates_deployed(self) -> bool:
+        """Whether validation and test run the model deployed (then ``*/float_acc`` is logged too)."""
+        return self.deployment is not None
 
     def _eval_model_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int

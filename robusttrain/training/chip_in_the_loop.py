@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from robusttrain.noise.chip import Chip, ChipPort, ChipQueries
 from robusttrain.training.base import step_seed
@@ -171,24 +169,13 @@ class ChipInTheLoopClassifier(ZerothOrderClassifier):
                 reads_per_member=self.reads_per_member, fitness_shaping=self.fitness_shaping,
                 perturbation=self.perturbation, rank=self.rank, orthogonal=self.orthogonal)
         except NonFiniteLossError as err:
-            if not self.skip_nonfinite:
-                raise
-            self._skipped_steps += 1
-            self.log("zo/skipped_steps", float(self._skipped_steps))
-            self.print(f"step {self.global_step}: skipped ({err})")
+            self._skip_step(err)
             return
         finally:
             self._train_queries = self._train_queries + (self.chip.queries - before)
         # whole-batch forward passes, as ZerothOrderClassifier counts them: the clean one and 2N·R
         self._forward_passes += 1 + 2 * self.num_pairs * self.reads_per_member
-        grad_sq = torch.zeros((), device=self.device)
-        for p, g in zip(params, estimate.grads):
-            p.grad = g
-            grad_sq += g.float().pow(2).sum()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.log("zo/grad_norm", grad_sq.sqrt())
-        self.log("zo/mean_abs_diff", float(estimate.mean_abs_diff))
+        self._step_with(optimizer, params, estimate.grads, estimate)
         self._log_queries()
 
     def _log_queries(self) -> None:
@@ -202,17 +189,9 @@ class ChipInTheLoopClassifier(ZerothOrderClassifier):
         return self._train_queries
 
     # ----- evaluation through the chip ---------------------------------------------------------
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str,
-                   loss_metric: MeanMetric, acc_metric: MulticlassAccuracy,
-                   float_acc_metric: MulticlassAccuracy, batch_idx: int) -> None:
-        x, y = batch
-        float_acc_metric(self.backbone(x), y)
-        self.log(f"{split}/float_acc", float_acc_metric, on_step=False, on_epoch=True)
-        loss, logits, y = self._eval_model_step(batch, batch_idx)
-        loss_metric(loss, weight=y.numel())
-        acc_metric(logits, y)
-        self.log(f"{split}/loss", loss_metric, on_step=False, on_epoch=True)
-        self.log(f"{split}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True)
+    @property
+    def evaluates_deployed(self) -> bool:
+        return True  # validation and test run through the chip; val/float_acc is the float model
 
     def _eval_model_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int

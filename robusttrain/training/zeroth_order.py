@@ -282,11 +282,7 @@ class ZerothOrderClassifier(Classifier):
                     if rows is not None:
                         estimate.forward_equivalents = 2 * rows.numel() / x.shape[0]
         except NonFiniteLossError as err:
-            if not self.skip_nonfinite:
-                raise
-            self._skipped_steps += 1
-            self.log("zo/skipped_steps", float(self._skipped_steps))
-            self.print(f"step {self.global_step}: skipped ({err})")
+            self._skip_step(err)
             return
         # in units of forward passes of the whole batch (a split step sees each example twice)
         assert estimate.forward_equivalents is not None  # SmoothedGradEstimate fills it in
@@ -299,6 +295,19 @@ class ZerothOrderClassifier(Classifier):
             flat = self.trainer.strategy.reduce(torch.cat([g.reshape(-1) for g in grads]),
                                                 reduce_op="mean")
             grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        self._step_with(optimizer, params, grads, estimate)
+
+    def _skip_step(self, err: NonFiniteLossError) -> None:
+        """A perturbed loss was NaN/inf: re-raise, or with ``skip_nonfinite`` count and log it."""
+        if not self.skip_nonfinite:
+            raise err
+        self._skipped_steps += 1
+        self.log("zo/skipped_steps", float(self._skipped_steps))
+        self.print(f"step {self.global_step}: skipped ({err})")
+
+    def _step_with(self, optimizer: Any, params: list[torch.Tensor], grads: list[torch.Tensor],
+                   estimate: SmoothedGradEstimate) -> None:
+        """Write the estimate into ``.grad``, take the optimizer step and log the step's figures."""
         grad_sq = torch.zeros((), device=self.device)
         for p, g in zip(params, grads):
             p.grad = g
