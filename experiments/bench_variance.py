@@ -32,6 +32,9 @@ the reference, the cost in forward-pass equivalents (2N member passes of the who
 estimator) and in milliseconds (median wall time of one estimate after one warm-up call, with
 --threads torch threads, default torch's), and the figures of merit relMSE × forward passes and
 relMSE × ms (lower is better: the relative MSE that one forward pass, or one ms, of budget buys).
+Below each table, each layer's part of the relative MSE at N = 16: which layers node perturbation
+helps, and by how much (Linear layers, projected onto their outputs), and which it helps less
+(conv kernels, whose per-example draws stay in weight space).
 
 The trained state is the backbone trained with backprop (Adam, lr 1e-3, batch 128, --train-epochs,
 default 2, seed 0) on the whole training set inside the script; its state_dict is cached as
@@ -90,6 +93,7 @@ PAIRS: dict[str, tuple[int, ...]] = {
 QUICK_PAIRS: dict[str, tuple[int, ...]] = {
     "gaussian": (16, 64), "lowrank": (16, 64), "orthogonal": (16, 64), "node": (4, 16),
 }
+LAYER_PAIRS = 16  # the per-layer table compares the estimators at this N, the one they all share
 REFERENCE_SEED = 1_000_003  # the reference's draws: a stream of their own, apart from seeds 0..R−1
 REFERENCE_SHARE = 0.02  # the reference's relative MSE must stay under 2% of the smallest in a table
 TITLES = {"mlp": "MLP 784-128-10", "lenet": "LeNet", "init": "at initialization",
@@ -143,6 +147,33 @@ class Row:
 
 
 @dataclass
+class Layer:
+    """One layer with parameters: where in the flat vector its entries sit, and its size."""
+
+    name: str
+    kind: str  # Linear | Conv2d
+    entries: int  # weights and bias
+    outputs: int  # out_features | out_channels
+    start: int
+    stop: int
+
+
+def layers_of(model: nn.Module) -> list[Layer]:
+    """The layers with trainable parameters, in ``model.parameters()`` order (each layer's
+    parameters are contiguous there)."""
+    layers, offset = [], 0
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        size = sum(p.numel() for p in own)
+        outputs = getattr(module, "out_features", None) or getattr(module, "out_channels", 0)
+        layers.append(Layer(name, type(module).__name__, size, outputs, offset, offset + size))
+        offset += size
+    return layers
+
+
+@dataclass
 class Panel:
     """Everything measured for one network in one state."""
 
@@ -153,6 +184,10 @@ class Panel:
     reference: Reference
     rows: list[Row] = field(default_factory=list)
     warning: str | None = None
+    layers: list[Layer] = field(default_factory=list)
+    # (estimator, N) → each layer's share of the relative MSE, ‖ĝ_l − ∇_l L_σ‖²/‖∇L_σ‖², mean over
+    # the repeats, in the order of ``layers``: the shares add up to the row's relative MSE
+    layer_rel_mse: dict[tuple[str, int], list[float]] = field(default_factory=dict)
 
 
 # ----- data and networks ------------------------------------------------------------------------
@@ -317,27 +352,32 @@ def backprop_call(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[to
     return list(torch.autograd.grad(F.cross_entropy(model(x), y), params))
 
 
-def score(estimate: Sequence[torch.Tensor], reference: torch.Tensor) -> tuple[float, float]:
-    """(‖ĝ − ∇L_σ‖²/‖∇L_σ‖², cos(ĝ, ∇L_σ))."""
+def score(estimate: Sequence[torch.Tensor], reference: torch.Tensor,
+          layers: Sequence[Layer] = ()) -> tuple[float, float, list[float]]:
+    """(‖ĝ − ∇L_σ‖²/‖∇L_σ‖², cos(ĝ, ∇L_σ), each layer's part of the first)."""
     g = flat(estimate)
-    rel = float((g - reference).square().sum() / reference.square().sum())
+    errors = (g - reference).square() / reference.square().sum()
+    rel = float(errors.sum())
     cosine = float(g.dot(reference) / (g.norm() * reference.norm()).clamp_min(1e-300))
-    return rel, cosine
+    return rel, cosine, [float(errors[layer.start:layer.stop].sum()) for layer in layers]
 
 
-def measure(call: Callable[[int], list[torch.Tensor]], reference: torch.Tensor,
-            repeats: int) -> tuple[list[float], list[float], float]:
-    """Relative MSEs and cosines of seeds 0..repeats−1, and the median ms (after one warm-up)."""
+def measure(call: Callable[[int], list[torch.Tensor]], reference: torch.Tensor, repeats: int,
+            layers: Sequence[Layer] = ()) -> tuple[list[float], list[float], float, list[float]]:
+    """Relative MSEs and cosines of seeds 0..repeats−1, the median ms (after one warm-up), and
+    each layer's part of the relative MSE, averaged over the seeds."""
     call(0)
     rels, cosines, times = [], [], []
+    parts = [0.0] * len(layers)
     for seed in range(repeats):
         start = time.perf_counter()
         estimate = call(seed)
         times.append(time.perf_counter() - start)
-        rel, cosine = score(estimate, reference)
+        rel, cosine, per_layer = score(estimate, reference, layers)
         rels.append(rel)
         cosines.append(cosine)
-    return rels, cosines, 1000 * statistics.median(times)
+        parts = [a + b / repeats for a, b in zip(parts, per_layer)]
+    return rels, cosines, 1000 * statistics.median(times), parts
 
 
 def standard_error(values: Sequence[float]) -> float | None:
@@ -357,7 +397,7 @@ def run_panel(network: str, state: str, model: nn.Module, source: str, batch: Da
                                    chunk=chunk)
     print(f"{network} {state}: loss {loss:.4f}, reference of {reference.draws} draws in "
           f"{reference.seconds:.1f} s, its relative MSE {reference.rel_mse:.3g}", flush=True)
-    panel = Panel(network, state, source, loss, reference)
+    panel = Panel(network, state, source, loss, reference, layers=layers_of(model))
     common = dict(network=network, state=state, sigma=args.sigma, batch=BATCH,
                   reference_draws=reference.draws, reference_rel_mse=reference.rel_mse,
                   threads=torch.get_num_threads())
@@ -365,7 +405,8 @@ def run_panel(network: str, state: str, model: nn.Module, source: str, batch: Da
         for n in pairs[estimator]:
             start = time.perf_counter()
             path, call = estimator_call(model, x, y, estimator, n, args.sigma)
-            rels, cosines, ms = measure(call, reference.grad, args.repeats)
+            rels, cosines, ms, parts = measure(call, reference.grad, args.repeats, panel.layers)
+            panel.layer_rel_mse[(estimator, n)] = parts
             rel = statistics.fmean(rels)
             panel.rows.append(Row(
                 estimator=estimator, forward_only=True, path=path, num_pairs=n,
@@ -374,7 +415,8 @@ def run_panel(network: str, state: str, model: nn.Module, source: str, batch: Da
                 rel_mse_x_forward=rel * 2 * n, rel_mse_x_ms=rel * ms, **common))
             print(f"  {estimator:10} N={n:<4} relMSE {rel:10.4g}  cos {panel.rows[-1].cosine:7.4f}"
                   f"  {ms:9.2f} ms  ({time.perf_counter() - start:.1f} s)", flush=True)
-    rels, cosines, ms = measure(lambda _: backprop_call(model, x, y), reference.grad, args.repeats)
+    rels, cosines, ms, _ = measure(lambda _: backprop_call(model, x, y), reference.grad,
+                                   args.repeats)
     panel.rows.append(Row(
         estimator="backprop", forward_only=False, path="autograd", num_pairs=None, repeats=1,
         rel_mse=rels[0], rel_mse_se=None, cosine=cosines[0], cost_forward=None, ms=ms,
@@ -422,8 +464,29 @@ def markdown(panels: Sequence[Panel], settings: dict[str, Any]) -> str:
                 f"| {sig3(r.rel_mse)} | {sig3(r.rel_mse_se)} | {sig3(r.cosine)} "
                 f"| {'' if r.cost_forward is None else r.cost_forward} | {sig3(r.ms)} "
                 f"| {sig3(r.rel_mse_x_forward)} | {sig3(r.rel_mse_x_ms)} |")
-        lines.append("")
+        lines += ["", *layer_table(panel)]
     return "\n".join(lines)
+
+
+def layer_table(panel: Panel) -> list[str]:
+    """Where each estimator's error sits, layer by layer, at N = LAYER_PAIRS."""
+    shown = [e for e in ESTIMATORS if (e, LAYER_PAIRS) in panel.layer_rel_mse]
+    if not shown:
+        return []
+    parts = {e: panel.layer_rel_mse[(e, LAYER_PAIRS)] for e in shown}
+    ratio = "gaussian" in parts and "node" in parts
+    lines = [f"Each layer's part of the relative MSE at N = {LAYER_PAIRS} "
+             "(‖ĝ_layer − ∇_layer L_σ‖²/‖∇L_σ‖²; the parts add up to the relative MSE above):", "",
+             "| layer | kind | entries | outputs | " + " | ".join(shown)
+             + (" | gaussian / node |" if ratio else " |"),
+             "|---|---|--:|--:|" + "--:|" * (len(shown) + ratio)]
+    for i, layer in enumerate(panel.layers):
+        cells = [sig3(parts[e][i]) for e in shown]
+        if ratio:
+            cells.append(sig3(parts["gaussian"][i] / max(parts["node"][i], 1e-300)))
+        lines.append(f"| {layer.name} | {layer.kind} | {layer.entries} | {layer.outputs} | "
+                     + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def csv_text(panels: Sequence[Panel]) -> str:
@@ -445,6 +508,8 @@ def json_text(panels: Sequence[Panel], settings: dict[str, Any]) -> str:
                           "norm": float(p.reference.grad.norm()),
                           "seconds": p.reference.seconds},
             "warning": p.warning,
+            "layers": [asdict(layer) for layer in p.layers],
+            "layer_rel_mse": {f"{e}/{n}": v for (e, n), v in p.layer_rel_mse.items()},
         } for p in panels],
         "rows": [asdict(r) for p in panels for r in p.rows],
     }, indent=2)

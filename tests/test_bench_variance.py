@@ -64,6 +64,20 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
         assert rel_mse(state, "node", 16) < rel_mse(state, "gaussian", 16) / 10
     summary = json.loads((out / "results.json").read_text())
     assert summary["settings"]["reference_draws"] == 256
+    for panel_json in summary["panels"]:
+        # the per-layer parts split the relative MSE exactly, and the layers cover every entry
+        layers = panel_json["layers"]
+        assert [layer["kind"] for layer in layers] == ["Linear", "Linear"]
+        assert layers[0]["start"] == 0 and layers[-1]["stop"] == 784 * 128 + 128 + 128 * 10 + 10
+        assert all(a["stop"] == b["start"] for a, b in zip(layers, layers[1:]))
+        for key, parts in panel_json["layer_rel_mse"].items():
+            estimator, n = key.split("/")
+            assert sum(parts) == pytest.approx(rel_mse(panel_json["state"], estimator, int(n)),
+                                               rel=1e-9), key
+        # node perturbation gains in every Linear layer, not only in total
+        parts_of = panel_json["layer_rel_mse"]
+        assert all(a < b for a, b in zip(parts_of["node/16"], parts_of["gaussian/16"]))
+    assert "Each layer's part of the relative MSE at N = 16" in (out / "results.md").read_text()
     assert all(p["reference"]["rel_mse"] < 0.01 for p in summary["panels"])
 
     # the second run takes the trained state from the cache
